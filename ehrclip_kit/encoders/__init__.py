@@ -1,0 +1,1 @@
+"""Modality encoders (tabular, text, codes, ECG) and projection heads."""
