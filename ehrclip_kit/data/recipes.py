@@ -1,0 +1,411 @@
+"""``ehrclip cohort``: turn a MIMIC-IV-shaped folder into analysis-ready task tables with DuckDB.
+
+The SQL lives in ``data_recipes/mimic_iv/*.sql`` (run in file order); this module only wires it up:
+it checks every input file's header, exposes each CSV.gz as a typed DuckDB view (times stay text so
+that unparsable ones can be *counted* by the SQL instead of aborting the read), renders the
+catalogue-dependent pieces from :mod:`ehrclip_kit.data.features`, then fits the categorical
+vocabularies and the missingness filter on the train split and writes the cohort folder atomically::
+
+    build_cohort("mimic-iv-2.2", "cohort")      # or: ehrclip cohort --mimic mimic-iv-2.2 --out cohort
+
+Output (``OUT/``): ``readmission_30d.parquet``, ``critical_24h.parquet``, ``features.json``,
+``attrition.csv``, ``notes.parquet`` (when notes exist), ``truth.parquet`` (synthetic worlds).
+Label definitions and the feature windows are documented in ``data_recipes/mimic_iv/README.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import gzip
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ehrclip_kit import io
+from ehrclip_kit.data import features as catalogue
+from ehrclip_kit.data.splits import DEFAULT_FRACTIONS, assign_splits
+
+TASKS: tuple[str, ...] = ("readmission_30d", "critical_24h")
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "data_recipes" / "mimic_iv"
+UNKNOWN = "__unknown__"
+_T = "VARCHAR"  # times are parsed in SQL with TRY_CAST so that bad ones are counted, not fatal
+
+
+@dataclasses.dataclass(frozen=True)
+class InputTable:
+    """A CSV.gz the recipe reads: the columns it needs (with DuckDB types) and which may be absent."""
+
+    name: str
+    columns: dict[str, str]
+    optional_columns: tuple[str, ...] = ()
+    required: bool = True
+
+
+_ID = "BIGINT"
+INPUTS: tuple[InputTable, ...] = (
+    InputTable("hosp/patients", {"subject_id": _ID, "gender": _T, "anchor_age": "INTEGER", "anchor_year": "INTEGER"}),
+    InputTable(
+        "hosp/admissions",
+        {"subject_id": _ID, "hadm_id": _ID, "admittime": _T, "dischtime": _T, "deathtime": _T,
+         "admission_type": _T, "admission_location": _T, "insurance": _T, "language": _T,
+         "marital_status": _T, "race": _T, "edregtime": _T, "hospital_expire_flag": "INTEGER"},
+        ("admission_location", "insurance", "language", "marital_status", "race", "edregtime"),
+    ),  # fmt: skip
+    InputTable("hosp/diagnoses_icd", {"subject_id": _ID, "hadm_id": _ID, "icd_code": _T, "icd_version": "INTEGER"}),
+    InputTable("hosp/procedures_icd", {"subject_id": _ID, "hadm_id": _ID, "chartdate": _T}),
+    InputTable("hosp/labevents", {"subject_id": _ID, "hadm_id": _ID, "itemid": "INTEGER", "charttime": _T, "valuenum": _T}),
+    InputTable("hosp/prescriptions", {"subject_id": _ID, "hadm_id": _ID, "starttime": _T, "drug": _T}),
+    InputTable("icu/icustays", {"subject_id": _ID, "hadm_id": _ID, "stay_id": _ID, "intime": _T, "outtime": _T}),
+    InputTable("icu/chartevents", {"subject_id": _ID, "hadm_id": _ID, "itemid": "INTEGER", "charttime": _T, "valuenum": _T}, required=False),
+)  # fmt: skip
+NOTES = InputTable("note/discharge", {"subject_id": _ID, "hadm_id": _ID, "note_type": _T, "note_seq": "INTEGER", "text": _T}, ("note_type", "note_seq"))  # fmt: skip
+
+
+class CohortInputError(ValueError):
+    """A required input file or column is missing or unreadable; the message names it."""
+
+
+def find_table(root: Path, name: str) -> Path | None:
+    """``root/name.csv.gz`` (or an uncompressed ``.csv``), or None."""
+    for suffix in (".csv.gz", ".csv"):
+        if (path := root / f"{name}{suffix}").is_file():
+            return path
+    return None
+
+
+def read_header(path: Path) -> list[str]:
+    """Column names of a CSV(.gz) file from its first line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
+            return next(csv.reader([handle.readline()]), [])
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise CohortInputError(f"cannot read the header of {path}: {err}") from err
+
+
+def _sql_str(value: str | Path) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def register_input(con, table: InputTable, path: Path | None, view: str) -> None:
+    """Create ``view`` over the file with explicit types (every column; unknown extras as VARCHAR)."""
+    if path is None:  # optional table absent: an empty view with the same columns keeps the SQL simple
+        cols = ", ".join(f"NULL::{t} AS {c}" for c, t in table.columns.items())
+        con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT {cols} WHERE false")
+        return
+    header = read_header(path)
+    for col in table.columns:
+        if col not in header and col not in table.optional_columns:
+            raise CohortInputError(f"column {col!r} missing from {path}")
+    types = ", ".join(f"{_sql_str(c)}: {_sql_str(table.columns.get(c, 'VARCHAR'))}" for c in header)
+    select = ", ".join(c if c in header else f"NULL::{t} AS {c}" for c, t in table.columns.items())
+    con.execute(
+        f"CREATE OR REPLACE VIEW {view} AS SELECT {select} FROM read_csv({_sql_str(path)}, header=true, "
+        f"auto_detect=false, delim=',', quote='\"', escape='\"', max_line_size=67108864, columns={{{types}}})"
+    )
+
+
+def render_sql(path: Path, fragments: dict[str, str]) -> str:
+    """The SQL of a recipe file with its ``{{name}}`` placeholders filled in."""
+    sql = path.read_text()
+    for key, value in fragments.items():
+        sql = sql.replace("{{" + key + "}}", value)
+    if "{{" in sql:
+        raise ValueError(f"unfilled placeholder in {path}: {sql[sql.index('{{') :][:40]!r}")
+    return sql
+
+
+def build_cohort(
+    mimic_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    notes_dir: str | os.PathLike | None = None,
+    tasks: tuple[str, ...] = TASKS,
+    memory_limit: str = "6GB",
+    threads: int | None = None,
+    max_missing: float = 0.99,
+    verbose: bool = True,
+) -> dict:
+    """Run the MIMIC-IV recipes on ``mimic_dir`` and write the cohort folder ``out_dir`` (atomically).
+
+    ``notes_dir`` defaults to ``mimic_dir/note`` when that exists. Features missing for more than
+    ``max_missing`` of the train rows (all tasks pooled) are dropped and listed in features.json.
+    Raises :class:`CohortInputError` naming the file/column when an input is missing; nothing is written.
+    Returns a summary dict (rows, positives and timings per task, feature count).
+    """
+    say = print if verbose else (lambda *a, **k: None)
+    root, out = Path(mimic_dir), Path(out_dir)
+    if unknown := set(tasks) - set(TASKS):
+        raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {TASKS}")
+    paths = {t.name: find_table(root, t.name) for t in INPUTS}
+    for t in INPUTS:
+        if t.required and paths[t.name] is None:
+            raise CohortInputError(f"table {t.name} missing: expected {root / t.name}.csv.gz")
+        if not t.required and paths[t.name] is None:
+            say(f"notice: optional table {t.name} not found in {root}; its features are skipped")
+    notes_path = _notes_path(root, notes_dir)
+    include_vitals = paths["icu/chartevents"] is not None
+    specs = catalogue.feature_specs(include_vitals)
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.duckdb-", dir=_existing_parent(out)))
+    con = duckdb.connect(str(work / "cohort.duckdb"), config={
+        "memory_limit": memory_limit, "threads": int(threads or os.cpu_count() or 1),
+        "temp_directory": str(work / "spill"), "preserve_insertion_order": False,
+    })  # fmt: skip
+    try:
+        for t in INPUTS:
+            register_input(con, t, paths[t.name], "src_" + t.name.split("/")[1])
+        if notes_path is not None:
+            register_input(con, NOTES, notes_path, "src_notes")
+        _register_catalogue(con, include_vitals)
+        con.execute("CREATE TABLE attrition (task VARCHAR, seq INTEGER, step VARCHAR, n_before BIGINT, "
+                    "n_excluded BIGINT, n_after BIGINT, reason VARCHAR)")  # fmt: skip
+        fragments = catalogue.sql_fragments(include_vitals)
+        timings = {}
+        for sql_file in tqdm(sorted(RECIPE_DIR.glob("*.sql")), desc="cohort recipes", disable=not verbose):
+            t0 = time.perf_counter()
+            try:
+                con.execute(render_sql(sql_file, fragments))
+            except duckdb.Error as err:
+                raise CohortInputError(
+                    f"recipe {sql_file.name} failed on the inputs in {root}: {err}"
+                ) from err
+            if sql_file.name.startswith("02_"):
+                con.execute(
+                    "DELETE FROM task_windows WHERE task NOT IN (SELECT unnest(?::VARCHAR[]))", [list(tasks)]
+                )
+            timings[sql_file.stem] = round(time.perf_counter() - t0, 2)
+        with io.atomic_dir(out) as tmp:
+            summary = _write_outputs(con, tmp, root, tasks, specs, max_missing, say)
+            if notes_path is not None:
+                summary["notes"] = _write_notes(con, tmp / "notes.parquet")
+            else:
+                say(
+                    f"notice: no notes found (looked for {root / 'note' / 'discharge.csv.gz'}); notes.parquet skipped"
+                )
+            order = {t: i for i, t in enumerate(("input", *tasks))}
+            attrition = con.sql("SELECT * FROM attrition").df()
+            attrition = attrition[attrition.task.isin(order)]
+            attrition = attrition.sort_values(["task", "seq"], key=lambda c: c.map(order) if c.name == "task" else c)
+            attrition = attrition.drop(columns="seq").reset_index(drop=True)
+            io.write_csv(tmp / "attrition.csv", attrition)
+            if (root / "truth.parquet").is_file():
+                shutil.copy2(root / "truth.parquet", tmp / "truth.parquet")
+            summary.update(timings=timings, seconds=round(time.perf_counter() - started, 1), out=str(out))
+            _report(attrition, summary, say)
+    finally:
+        con.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def _existing_parent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.parent
+
+
+def _notes_path(root: Path, notes_dir) -> Path | None:
+    if notes_dir is None:
+        return find_table(root, NOTES.name)
+    path = find_table(Path(notes_dir), "discharge")
+    if path is None:
+        raise CohortInputError(f"table discharge missing: expected {Path(notes_dir) / 'discharge.csv.gz'}")
+    return path
+
+
+def _register_catalogue(con, include_vitals: bool) -> None:
+    """Small lookup tables from features.py that the SQL joins against."""
+    frames = {
+        "charlson_map": pd.DataFrame(catalogue.charlson_prefix_rows(), columns=["icd_version", "prefix", "grp"]),
+        "meas_items": pd.DataFrame(catalogue.measurement_rows(include_vitals), columns=["fid", "itemid", "feature", "source"]),
+        "med_patterns": pd.DataFrame(
+            [(c, inc, exc) for c, (inc, exc) in catalogue.MEDICATION_CLASSES.items()], columns=["cls", "include", "exclude"]
+        ),
+    }  # fmt: skip
+    for name, frame in frames.items():
+        con.register(f"{name}_df", frame)
+        con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM {name}_df")
+        con.unregister(f"{name}_df")
+
+
+def _write_outputs(con, tmp: Path, source: Path, tasks, specs, max_missing: float, say) -> dict:
+    """Splits, train-only categories and missingness filter, then one parquet per task + features.json."""
+    columns = [
+        c
+        for c in con.sql("SELECT * FROM features_all LIMIT 0").columns
+        if c not in ("task", "subject_id", "hadm_id", "label")
+    ]
+    if set(columns) != {s.name for s in specs}:  # a recipe and the catalogue disagree: a bug, not bad input
+        raise RuntimeError(
+            f"feature columns differ from the catalogue: {sorted(set(columns) ^ {s.name for s in specs})}"
+        )
+    subjects = con.sql("SELECT DISTINCT subject_id FROM task_windows ORDER BY subject_id").df()
+    subjects["split"] = assign_splits(subjects["subject_id"])
+    con.register("subject_split_df", subjects)
+    con.execute("CREATE OR REPLACE TABLE subject_split AS SELECT * FROM subject_split_df")
+    train = "FROM features_all f JOIN subject_split s ON s.subject_id = f.subject_id WHERE s.split = 'train'"
+    categories = {}
+    for s in specs:
+        if s.kind == "categorical":
+            values = con.sql(f"SELECT DISTINCT f.{s.name} AS v {train} AND v IS NOT NULL ORDER BY v").df()[
+                "v"
+            ]
+            categories[s.name] = [UNKNOWN, *map(str, values)]
+    present = ", ".join(
+        f"count(*) FILTER (WHERE f.{s.name} > 0) AS {s.name}"
+        if s.zero_is_missing
+        else f"count(f.{s.name}) AS {s.name}"
+        for s in specs
+    )
+    counts = con.sql(f"SELECT count(*) AS __n, {present} {train}").df().iloc[0]
+    n_train = int(counts["__n"])
+    kept, dropped = [], []
+    for s in specs:
+        missing = 1.0 - float(counts[s.name]) / n_train if n_train else 0.0
+        if missing > max_missing:
+            dropped.append(
+                {
+                    "name": s.name,
+                    "reason": f"missing for {missing:.1%} of train rows",
+                    "missing_fraction": round(missing, 4),
+                }
+            )
+        else:
+            kept.append(s)
+    if not n_train:
+        say("notice: no train-split rows; categories hold only the unknown code and no feature is dropped")
+    summary = {
+        "tasks": {},
+        "n_features": len(kept),
+        "n_dropped": len(dropped),
+        "n_train_rows_pooled": n_train,
+    }
+    for task in tasks:
+        frame = con.execute(
+            f"SELECT f.subject_id, f.hadm_id, s.split, f.label, {', '.join('f.' + k.name for k in kept)} "
+            "FROM features_all f JOIN subject_split s ON s.subject_id = f.subject_id "
+            "WHERE f.task = ? ORDER BY f.hadm_id",
+            [task],
+        ).df()
+        out = {"subject_id": frame["subject_id"].astype("int64"), "hadm_id": frame["hadm_id"].astype("int64"),
+               "split": frame["split"].astype(str), "label": frame["label"].astype("int64")}  # fmt: skip
+        for k in kept:
+            if k.kind == "categorical":
+                codes = pd.Categorical(frame[k.name].astype(object), categories=categories[k.name][1:]).codes
+                out[k.name] = codes.astype("int64") + 1  # -1 (missing or unseen in train) -> 0 = unknown
+            else:
+                out[k.name] = frame[k.name].to_numpy(dtype=np.float32, na_value=np.nan)
+        io.write_parquet(tmp / f"{task}.parquet", pd.DataFrame(out))
+        summary["tasks"][task] = {"rows": len(frame), "positives": int(frame["label"].sum()),
+                                  "splits": frame["split"].value_counts().to_dict()}  # fmt: skip
+    io.write_json(tmp / "features.json", {
+        "features": [
+            {"name": k.name, "kind": k.kind, "source": k.source, "description": k.description}
+            | ({"categories": categories[k.name]} if k.kind == "categorical" else {})
+            for k in kept
+        ],
+        "dropped": dropped,
+        "tasks": list(tasks),
+        "task_rows": summary["tasks"],
+        "source": str(source),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "split_fractions": list(DEFAULT_FRACTIONS),
+        "max_missing": max_missing,
+    })  # fmt: skip
+    return summary
+
+
+def _write_notes(con, path: Path) -> int:
+    """Discharge notes of usable admissions, one row per hadm_id (several notes joined by note_seq)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ehrclip_kit.data.notes import clean_note  # another module; imported only when notes exist
+
+    con.execute("""INSERT INTO attrition
+        SELECT 'input', 9, 'note/discharge', count(*), count(*) FILTER (WHERE bad), count(*) FILTER (WHERE NOT bad),
+            printf('%d without hadm_id; %d hadm_id not among the usable admissions; %d note_type not DS',
+                count(*) FILTER (WHERE no_id), count(*) FILTER (WHERE unknown), count(*) FILTER (WHERE not_ds))
+        FROM (SELECT *, no_id OR unknown OR not_ds AS bad FROM (
+            SELECT n.hadm_id IS NULL AS no_id, n.hadm_id IS NOT NULL AND a.hadm_id IS NULL AS unknown,
+                coalesce(n.note_type, 'DS') <> 'DS' AS not_ds
+            FROM src_notes n LEFT JOIN adm a ON a.hadm_id = n.hadm_id))""")
+    reader = con.execute(
+        "SELECT a.subject_id, n.hadm_id, n.text FROM src_notes n JOIN adm a ON a.hadm_id = n.hadm_id "
+        "WHERE coalesce(n.note_type, 'DS') = 'DS' ORDER BY n.hadm_id, n.note_seq"
+    ).to_arrow_reader(4096)
+    schema = pa.schema([("subject_id", pa.int64()), ("hadm_id", pa.int64()), ("text", pa.string())])
+    pending: list = []  # rows of the hadm_id that may continue in the next batch
+    n = 0
+    with pq.ParquetWriter(path, schema) as writer:
+
+        def flush(group):
+            nonlocal n
+            text = clean_note("\n\n".join(t for _, _, t in group if t))
+            writer.write_table(
+                pa.table(
+                    {"subject_id": [group[0][0]], "hadm_id": [group[0][1]], "text": [text]}, schema=schema
+                )
+            )
+            n += 1
+
+        for batch in reader:
+            for row in zip(*(batch.column(i).to_pylist() for i in range(3)), strict=True):
+                if pending and pending[-1][1] != row[1]:
+                    flush(pending)
+                    pending = []
+                pending.append(row)
+        if pending:
+            flush(pending)
+    return n
+
+
+def _report(attrition: pd.DataFrame, summary: dict, say) -> None:
+    for row in attrition[attrition.task == "input"].itertuples():
+        if row.n_excluded:
+            say(f"input {row.step}: {row.n_excluded} of {row.n_before} rows excluded ({row.reason})")
+    for task, info in summary["tasks"].items():
+        rate = info["positives"] / info["rows"] if info["rows"] else float("nan")
+        say(
+            f"{task}: {info['rows']} admissions, {info['positives']} positive ({rate:.1%}), splits {info['splits']}"
+        )
+    say(
+        f"{summary['n_features']} features ({summary['n_dropped']} dropped as >99% missing) in {summary['seconds']} s -> {summary['out']}"
+    )
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--mimic", required=True, help="MIMIC-IV folder with hosp/ and icu/ (real or `ehrclip synth`)"
+    )
+    parser.add_argument("--out", required=True, help="cohort folder to write (replaced whole, atomically)")
+    parser.add_argument(
+        "--notes", default=None, help="folder with discharge.csv.gz (default: MIMIC/note when present)"
+    )
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks to build")
+    parser.add_argument(
+        "--memory-limit", default="6GB", help="DuckDB memory limit (spills to disk beyond it)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
+    parser.add_argument(
+        "--max-missing", type=float, default=0.99, help="drop features missing for more train rows"
+    )
+
+
+def run(args) -> int:
+    try:
+        build_cohort(args.mimic, args.out, notes_dir=args.notes, tasks=tuple(args.tasks),
+                     memory_limit=args.memory_limit, threads=args.threads, max_missing=args.max_missing)  # fmt: skip
+    except CohortInputError as err:
+        print(f"ehrclip cohort: error: {err}", file=sys.stderr)
+        return 2
+    return 0
