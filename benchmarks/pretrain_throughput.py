@@ -18,7 +18,7 @@ Both sides are the kit's real model (:func:`ehrclip_kit.models.ehr_text_model`: 
 random feature columns, projection heads, ClipLoss) trained by AdamW; only the text tower differs.
 
     python benchmarks/pretrain_throughput.py            # full size (meant for a GPU)
-    python benchmarks/pretrain_throughput.py --quick    # a few minutes on a laptop CPU (3 layers, batch 8)
+    python benchmarks/pretrain_throughput.py --quick    # a few minutes on a laptop CPU (2 layers, batch 8)
 
 Note lengths (content tokens per note) are drawn from a log-normal around ``--median-tokens`` (MIMIC-IV
 discharge summaries run to roughly 1,000-2,500 tokens after cleaning, i.e. ~4-10 chunks of 256).
@@ -39,14 +39,16 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ehrclip_kit.encoders.text import TextEncoder, collate_notes, embed_chunked_notes, mean_by_note  # noqa: E402
+from ehrclip_kit.encoders.text import TextEncoder, collate_notes, embed_chunked_notes  # noqa: E402
 
 N_EHR_COLUMNS = 105
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="CPU smoke size: 3 layers (2 frozen), batch 8, 2 steps")
+    p.add_argument(
+        "--quick", action="store_true", help="CPU smoke size: 2 layers (1 frozen), batch 8, 2 steps"
+    )
     p.add_argument("--layers", type=int, default=12, help="Longformer layers (paper: 12)")
     p.add_argument("--frozen", type=int, default=10, help="frozen first layers (paper: 10)")
     p.add_argument("--hidden", type=int, default=768)
@@ -65,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
-        args.layers, args.frozen, args.batch, args.steps, args.warmup = 3, 2, 8, 2, 1
-        args.median_tokens, args.notes = 400, 24
+        args.layers, args.frozen, args.batch, args.steps, args.warmup = 2, 1, 8, 2, 1
+        args.median_tokens, args.notes = 300, 16
     if not 0 <= args.frozen <= args.layers:
         p.error(f"--frozen must be in [0, --layers={args.layers}]")
     return args
@@ -189,7 +191,9 @@ def train_step_fn(model, batches, device, amp: bool) -> Callable[[int], None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
     amp = device.type == "cuda"
     rng = np.random.default_rng(args.seed)
     n_batches = args.warmup + args.steps
@@ -208,15 +212,20 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_paper:
         paper = build_contrastive(OneNoteAtATime(longformer, args.frozen), d_text, device, args.seed)
-        batches = [{"ehr": e, "text": paper_inputs(n, args.max_tokens, device)} for e, n in zip(ehr, notes)]
+        batches = [
+            {"ehr": e, "text": paper_inputs(n, args.max_tokens, device)}
+            for e, n in zip(ehr, notes, strict=True)
+        ]
         sec, peak = time_steps(train_step_fn(paper, batches, device, amp=False), args, device)
         results |= {"paper_pairs_per_s": args.batch / sec, "paper_peak_gib": peak}
-        print(f"paper  (one note at a time, fp32)       {args.batch / sec:9.2f} pairs/s   peak {peak:6.2f} GiB")
+        print(
+            f"paper  (one note at a time, fp32)       {args.batch / sec:9.2f} pairs/s   peak {peak:6.2f} GiB"
+        )
         del paper, batches
 
     ours_text = TextEncoder(longformer, freeze_layers=args.frozen, max_tokens=args.max_tokens)
     ours = build_contrastive(ours_text, d_text, device, args.seed)
-    batches = [{"ehr": e, "text": collate_notes(n, pad_id=1)} for e, n in zip(ehr, notes)]
+    batches = [{"ehr": e, "text": collate_notes(n, pad_id=1)} for e, n in zip(ehr, notes, strict=True)]
     sec, peak = time_steps(train_step_fn(ours, batches, device, amp=amp), args, device)
     ours_rate = args.batch / sec
     results |= {"ours_pairs_per_s": ours_rate, "ours_peak_gib": peak}
@@ -238,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     for e in ehr:
         rows = torch.as_tensor(rng.integers(0, args.notes, size=args.batch), device=device)
         cache_batches.append({"ehr": e, "text": vectors[rows]})
-    cache_args = argparse.Namespace(**{**vars(args), "steps": max(args.steps, 20), "warmup": max(args.warmup, 3)})
+    cache_args = argparse.Namespace(
+        **{**vars(args), "steps": max(args.steps, 10), "warmup": max(args.warmup, 2)}
+    )
     sec, _ = time_steps(train_step_fn(cache_model, cache_batches, device, amp=amp), cache_args, device)
     cache_rate = args.batch / sec
     results |= {"cache_embed_notes_per_s": embed_rate, "cache_train_pairs_per_s": cache_rate}
@@ -263,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         from ehrclip_kit.io import write_json
 
-        write_json(args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(device), **results})
+        write_json(
+            args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(device), **results}
+        )
     return 0
 
 

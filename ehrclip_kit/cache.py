@@ -205,7 +205,9 @@ def _series_name(value: Any) -> Any:
 
 
 def _store(base: Path, meta_path: Path, key: str, value: Any) -> None:
-    if isinstance(value, dict) and any(isinstance(v, np.ndarray | pd.DataFrame | pd.Series) for v in value.values()):
+    if isinstance(value, dict) and any(
+        isinstance(v, np.ndarray | pd.DataFrame | pd.Series) for v in value.values()
+    ):
         kinds = {str(k): _kind(v) for k, v in value.items()}
         with atomic_dir(base) as tmp:
             for i, (k, v) in enumerate(value.items()):

@@ -24,7 +24,7 @@ from torch import nn
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside DDP / ``torch.compile`` wrappers."""
     while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod

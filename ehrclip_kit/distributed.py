@@ -2,7 +2,8 @@
 
 Launch several processes with ``torchrun`` (``torchrun --nproc_per_node N -m ehrclip_kit.cli pretrain ...``);
 :func:`init_distributed` reads the environment torchrun sets. With one process nothing here ever calls
-``torch.distributed``, so the same code runs in a notebook.
+``torch.distributed``, so the same code runs in a notebook. :func:`epoch_batches` is the deterministic
+sharding of an epoch across ranks that the Trainer uses.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -151,7 +152,9 @@ def _predict_fn(model: nn.Module | Callable, batch_size: int = 4096) -> Callable
             outs = []
             with torch.no_grad():
                 for start in range(0, len(x), batch_size):
-                    xb = torch.as_tensor(np.asarray(x[start : start + batch_size], dtype=np.float32), device=device)
+                    xb = torch.as_tensor(
+                        np.asarray(x[start : start + batch_size], dtype=np.float32), device=device
+                    )
                     outs.append(wrapped(xb)[:, 0].double().cpu().numpy())
             return np.concatenate(outs) if outs else np.zeros(0)
 
@@ -172,7 +175,11 @@ def _predict_fn(model: nn.Module | Callable, batch_size: int = 4096) -> Callable
 
 # ------------------------------------------------------------------------------------------ TabNet masks
 def tabnet_masks(
-    encoder: nn.Module, x: Any, columns: Sequence[str] | None = None, batch_size: int = 1024, return_steps: bool = False
+    encoder: nn.Module,
+    x: Any,
+    columns: Sequence[str] | None = None,
+    batch_size: int = 1024,
+    return_steps: bool = False,
 ) -> tuple[pd.Series, np.ndarray] | tuple[pd.Series, np.ndarray, dict[int, np.ndarray]]:
     """TabNet's own explanation, per original column: ``(global_importance, per_row_masks)``.
 
@@ -193,7 +200,9 @@ def tabnet_masks(
     try:
         with torch.no_grad():
             for start in range(0, len(x), batch_size):
-                m_explain, masks = encoder.forward_masks(torch.as_tensor(x[start : start + batch_size], device=device))
+                m_explain, masks = encoder.forward_masks(
+                    torch.as_tensor(x[start : start + batch_size], device=device)
+                )
                 explain.append(m_explain.double().cpu().numpy())
                 for k, m in masks.items():
                     steps.setdefault(int(k), []).append(m.double().cpu().numpy())
@@ -241,9 +250,14 @@ class ShapResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Frames, arrays and JSON values only, so it can go through :func:`ehrclip_kit.cache.disk_cache`."""
-        d = dataclasses.asdict(self) | {"values": self.values}
-        d["output"] = np.asarray(self.output, dtype=np.float64)
-        return d
+        return {
+            "values": self.values,
+            "base_value": float(self.base_value),
+            "output": np.asarray(self.output, dtype=np.float64),
+            "additivity_error": float(self.additivity_error),
+            "method": self.method,
+            "details": dict(self.details),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ShapResult:
@@ -253,7 +267,9 @@ class ShapResult:
         )  # fmt: skip
 
 
-def _summarise_background(background: np.ndarray, n_background: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _summarise_background(
+    background: np.ndarray, n_background: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(rows, weights): k-means centres snapped to observed values (so categorical codes stay valid)."""
     import shap
 
@@ -275,27 +291,33 @@ def shap_values(
     nsamples: int | str = "auto",
     seed: int = 0,
     embedder: nn.Module | None = None,
-    gradient_engine: str = "quadrature",
-    n_steps: int = 32,
+    n_steps: int = 64,
+    max_steps: int = 512,
+    rel_tol: float = 0.05,
     cache_dir: Any = False,
 ) -> ShapResult:
     """SHAP values of a logit model on rows ``X`` against ``background`` rows (same preprocessed layout).
 
     Methods:
-        ``"kernel"``: shap.KernelExplainer over a k-means summary of the background (``n_background``
-            centres, values snapped to observed ones so categorical codes stay valid). Model-agnostic, so
-            categorical columns are perturbed as codes and get attribution; additive by construction.
-            ``nsamples`` coalitions per row (``"auto"`` = 2 * n_columns + 2048; exact enumeration when
-            2**n_columns is smaller).
-        ``"permutation"``: shap.PermutationExplainer (exact additivity, cost ~ 2 * n_columns * nsamples).
-        ``"gradient_embedded"``: shap.GradientExplainer (expected gradients) on the model seen from its
-            embedded space (after the pytorch-tabnet ``EmbeddingGenerator``, found automatically or passed
-            as ``embedder``), summed back per original column. Needs a torch module; additive only up to
-            sampling noise (``nsamples`` per row, 200 when "auto").
+        ``"kernel"`` (default): shap.KernelExplainer over a k-means summary of the background
+            (``n_background`` centres, values snapped to observed ones so categorical codes stay valid).
+            Model-agnostic: categorical columns are perturbed as codes and get attribution. Additive by
+            construction (error ~1e-7). ``nsamples`` coalitions per row ("auto" = 2 * n_columns + 2048;
+            every coalition is enumerated when 2**n_columns is smaller, which makes the values exact).
+        ``"permutation"``: shap.PermutationExplainer over the same summary (exactly additive; cost grows as
+            2 * n_columns * nsamples evaluations per row, nsamples = 10 permutations when "auto").
+        ``"gradient_embedded"``: expected gradients of the model seen from its *embedded* space (after the
+            pytorch-tabnet ``EmbeddingGenerator``, found automatically or passed as ``embedder``), summed back
+            per original column so categorical columns get attribution. Needs a torch module. Computed over
+            ``n_background`` background rows with a midpoint rule of ``n_steps`` points per path, doubled
+            until ``additivity_error <= rel_tol * std(f(background))`` or ``max_steps`` is reached (TabNet's
+            sparsemax makes paths kinked, so it may need hundreds of steps; the error is always reported).
+            This is the quantity shap.GradientExplainer samples at random (``nsamples`` draws when an int is
+            given, engine recorded in ``details``), computed without sampling noise.
 
-    ``cat_idxs`` names the categorical columns (checked against the embedder for the gradient method).
-    ``cache_dir``: ``False`` (default) computes afresh; a folder (or None = default folder) caches the result
-    keyed by the model weights (torch modules only), the data and the settings.
+    ``cat_idxs`` names the categorical columns (checked against the model's embedder when it has one).
+    ``cache_dir``: ``False`` (default) computes afresh; a folder (or None = ``$EHRCLIP_CACHE``) caches the
+    result keyed by the model weights (torch modules only), the data and every setting.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -306,30 +328,36 @@ def shap_values(
     bad = [i for i in cat_idxs if not 0 <= int(i) < x.shape[1]]
     if bad:
         raise ValueError(f"cat_idxs {bad} are outside 0..{x.shape[1] - 1}")
+    settings = dict(
+        method=method, n_background=n_background, nsamples=nsamples, seed=seed, n_steps=n_steps,
+        max_steps=max_steps, rel_tol=rel_tol, cat_idxs=[int(i) for i in cat_idxs],
+    )  # fmt: skip
 
     def compute() -> dict[str, Any]:
-        return _shap(predict_fn_or_model, bg, x, columns, cat_idxs, method, n_background, nsamples, seed, embedder,
-                     gradient_engine, n_steps).to_dict()
+        was_training = getattr(predict_fn_or_model, "training", None)
+        try:
+            return _shap(predict_fn_or_model, bg, x, columns, embedder, **settings).to_dict()
+        finally:
+            if was_training is not None:
+                predict_fn_or_model.train(was_training)
 
     if cache_dir is False:
         return ShapResult.from_dict(compute())
     if not isinstance(predict_fn_or_model, nn.Module):
         raise ValueError("shap_values can only cache results for torch modules (their weights form the key)")
-    key = {
-        "method": "shap_values", "shap_method": method, "state": dict(predict_fn_or_model.state_dict()),
-        "background": bg, "X": x, "columns": columns, "cat_idxs": [int(i) for i in cat_idxs],
-        "n_background": n_background, "nsamples": nsamples, "seed": seed, "engine": gradient_engine, "n_steps": n_steps,
-    }  # fmt: skip
+    key = {"what": "shap_values", "state": dict(predict_fn_or_model.state_dict()), "background": bg, "X": x,
+           "columns": columns, "settings": settings}  # fmt: skip
     return ShapResult.from_dict(disk_cache(cache_dir, key, compute, name="shap"))
 
 
 def _shap(
-    model, bg, x, columns, cat_idxs, method, n_background, nsamples, seed, embedder, gradient_engine, n_steps
+    model, bg, x, columns, embedder, *, method, n_background, nsamples, seed, cat_idxs, **grad
 ) -> ShapResult:
     import shap
 
     f = _predict_fn(model)
     fx = f(x)
+    details: dict[str, Any] = {}
     if method == "kernel":
         rows, weights = _summarise_background(bg, n_background, seed)
         data = shap.utils._legacy.DenseData(rows, columns, None, weights)
@@ -339,6 +367,7 @@ def _shap(
             values = explainer.shap_values(x, nsamples=nsamples, silent=True, l1_reg=False)
         values = np.asarray(values, dtype=np.float64)
         base = float(np.asarray(explainer.expected_value).reshape(-1)[0])
+        details = {"n_background": len(rows), "nsamples": nsamples}
     elif method == "permutation":
         rows, _ = _summarise_background(bg, n_background, seed)
         masker = shap.maskers.Independent(rows, max_samples=len(rows))
@@ -347,85 +376,108 @@ def _shap(
         expl = explainer(x, max_evals=2 * x.shape[1] * n_perm + 1, silent=True)
         values = np.asarray(expl.values, dtype=np.float64)
         base = float(np.mean(expl.base_values))
+        details = {"n_background": len(rows), "permutations": n_perm}
     else:
-        values, base = _gradient_embedded(
-            model, bg, x, cat_idxs, n_background, nsamples, seed, embedder, gradient_engine, n_steps
+        values, base, details = _gradient_embedded(
+            model, bg, x, cat_idxs, n_background, nsamples, seed, embedder, **grad
         )
     values = values.reshape(len(x), -1)
     error = float(np.max(np.abs(values.sum(axis=1) + base - fx))) if len(x) else 0.0
-    return ShapResult(pd.DataFrame(values, columns=columns), base, fx, error, method)
+    return ShapResult(pd.DataFrame(values, columns=columns), base, fx, error, method, details)
 
 
 def _gradient_embedded(
-    model, bg, x, cat_idxs, n_background, nsamples, seed, embedder, gradient_engine, n_steps
-) -> tuple[np.ndarray, float]:
-    import shap
-
-    if gradient_engine not in ("quadrature", "shap"):
-        raise ValueError(f"gradient_engine must be 'quadrature' or 'shap', got {gradient_engine!r}")
+    model, bg, x, cat_idxs, n_background, nsamples, seed, embedder, *, n_steps, max_steps, rel_tol
+) -> tuple[np.ndarray, float, dict[str, Any]]:
     if not isinstance(model, nn.Module):
-        raise TypeError("method='gradient_embedded' needs a torch module (gradients); use 'kernel' for functions")
+        raise TypeError(
+            "method='gradient_embedded' needs a torch module (gradients); use 'kernel' for functions"
+        )
     embedder = embedder if embedder is not None else _find_embedder(model)
     if embedder is None:
         raise ValueError(
-            "no pytorch-tabnet EmbeddingGenerator found in the model; pass embedder= or use method='kernel'"
+            "no pytorch-tabnet EmbeddingGenerator in the model; pass embedder= or use method='kernel'"
         )
     reduce = reducing_matrix(embedder, x.shape[1])
     if reduce.shape[1] != x.shape[1]:
         raise ValueError(f"embedder expects {reduce.shape[1]} input columns, data has {x.shape[1]}")
-    model_cats = [] if getattr(embedder, "skip_embedding", False) else np.flatnonzero(~embedder.continuous_idx.cpu().numpy().astype(bool)).tolist()
-    if cat_idxs and sorted(int(i) for i in cat_idxs) != model_cats:
-        raise ValueError(f"cat_idxs {list(cat_idxs)} disagree with the model's categorical columns {model_cats}")
+    model_cats = [i for i in range(x.shape[1]) if not getattr(embedder, "skip_embedding", False)
+                  and not bool(embedder.continuous_idx[i])]  # fmt: skip
+    if cat_idxs and sorted(cat_idxs) != model_cats:
+        raise ValueError(
+            f"cat_idxs {list(cat_idxs)} disagree with the model's categorical columns {model_cats}"
+        )
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # a random subset of real background rows, not k-means centres: an averaged embedding is no category's
     rng = np.random.default_rng(seed)
-    # expected gradients average over background rows: keep a random subset of them, not k-means centres
-    # (an averaged embedding is not any category's embedding)
     rows = bg if len(bg) <= n_background else bg[rng.choice(len(bg), n_background, replace=False)]
     g = _EmbeddedModel(model, embedder, x.shape[1]).eval()
     try:
         with torch.no_grad():
-            e_bg = embedder(torch.as_tensor(rows, device=device))
-            e_x = embedder(torch.as_tensor(x, device=device))
+            e_bg = embedder(torch.as_tensor(rows, device=device)).detach()
+            e_x = embedder(torch.as_tensor(x, device=device)).detach()
             # the swap must be faithful: g(embed(x)) == f(x), else the model uses x outside the embedder
             direct = _Logit(model)(torch.as_tensor(x[:8], device=device))
             if not torch.allclose(g(e_x[:8]), direct, atol=1e-4, rtol=1e-4):
-                raise ValueError("model output changes when explained from the embedder's output; use method='kernel'")
-            base = float(g(e_bg).double().mean())
-        if gradient_engine == "shap":
-            explainer = shap.GradientExplainer(g, e_bg.detach())
-            n = 200 if nsamples == "auto" else int(nsamples)
+                raise ValueError(
+                    "model output changes when explained from the embedder's output; use method='kernel'"
+                )
+            g_bg = g(e_bg)[:, 0].double().cpu().numpy()
+            g_x = g(e_x)[:, 0].double().cpu().numpy()
+        base = float(g_bg.mean())
+        scale = max(float(g_bg.std()), 1e-12)
+        if nsamples != "auto":  # shap's sampled estimate, for comparison
+            import shap
+
+            explainer = shap.GradientExplainer(g, e_bg)
             with _numpy_global_seed(seed):
-                vals = explainer.shap_values(e_x.detach(), nsamples=n, rseed=seed)
-            vals = np.asarray(vals[0] if isinstance(vals, list) else vals, dtype=np.float64)
-        else:
-            vals = _expected_gradients_quadrature(g, e_x.detach(), e_bg.detach(), n_steps)
+                vals = explainer.shap_values(e_x, nsamples=int(nsamples), rseed=seed)
+            vals = np.asarray(vals[0] if isinstance(vals, list) else vals, dtype=np.float64).reshape(
+                len(x), -1
+            )
+            return vals @ reduce, base, {"engine": "shap.GradientExplainer", "nsamples": int(nsamples)}
+        steps = n_steps
+        while True:
+            vals = _expected_gradients(g, e_x, e_bg, steps)
+            rel = float(np.max(np.abs(vals.sum(axis=1) + base - g_x))) / scale if len(x) else 0.0
+            if rel <= rel_tol or steps >= max_steps:
+                break
+            steps *= 2
     finally:
         g.close()
-    return vals.reshape(len(x), -1) @ reduce, base
+    if rel > rel_tol:
+        warnings.warn(
+            f"gradient_embedded: additivity error is {rel:.3g} x std(f) after {steps} steps (> rel_tol={rel_tol}); "
+            "raise max_steps or use method='kernel'",
+            stacklevel=3,
+        )
+    return (
+        vals @ reduce,
+        base,
+        {"engine": "midpoint", "n_steps": steps, "relative_error": rel, "n_background": len(rows)},
+    )
 
 
-def _expected_gradients_quadrature(
+def _expected_gradients(
     g: nn.Module, e_x: torch.Tensor, e_bg: torch.Tensor, n_steps: int, max_rows: int = 16384
 ) -> np.ndarray:
-    """Expected gradients E_b[(x - b) * integral_0^1 grad g(b + a (x - b)) da], computed exactly over the
-    background rows and with Gauss-Legendre quadrature in ``a`` (shap's GradientExplainer samples both, so
-    its additivity error only shrinks like 1/sqrt(nsamples)). Returns [N, embedded_dim]."""
-    nodes, weights = np.polynomial.legendre.leggauss(n_steps)
-    alphas = torch.as_tensor((nodes + 1) / 2, dtype=e_x.dtype, device=e_x.device)
-    w = torch.as_tensor(weights / 2, dtype=e_x.dtype, device=e_x.device)
-    n_bg, per_x = len(e_bg), len(e_bg) * n_steps
-    chunk = max(1, max_rows // per_x)
+    """E_b[(x - b) * mean_k grad g(b + a_k (x - b))] over every background row b and midpoints
+    a_k = (k + 1/2) / n_steps; the integral form of expected gradients (= integrated gradients averaged over
+    baselines). Returns [N, embedded_dim] in float64."""
+    alphas = (torch.arange(n_steps, dtype=e_x.dtype, device=e_x.device) + 0.5) / n_steps
+    n_bg = len(e_bg)
+    chunk = max(1, max_rows // (n_bg * n_steps))
     out = []
     for start in range(0, len(e_x), chunk):
         xb = e_x[start : start + chunk]
         diff = xb[:, None, :] - e_bg[None, :, :]  # [b, n_bg, P]
         points = e_bg[None, :, None, :] + alphas[None, None, :, None] * diff[:, :, None, :]  # [b, n_bg, S, P]
         points = points.reshape(-1, xb.shape[1]).requires_grad_(True)
-        (grad,) = torch.autograd.grad(g(points).sum(), points)
-        grad = grad.reshape(len(xb), n_bg, n_steps, -1)
-        integral = (grad * w[None, None, :, None]).sum(dim=2)  # [b, n_bg, P]
-        out.append((diff * integral).mean(dim=1).double().cpu().numpy())
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(g(points).sum(), points)
+        mean_grad = grad.reshape(len(xb), n_bg, n_steps, -1).double().mean(dim=2)
+        out.append((diff.double() * mean_grad).mean(dim=1).cpu().numpy())
     return np.concatenate(out)
 
 

@@ -41,6 +41,7 @@ class FinetuneConfig:
     dropout: float = 0.1
     patience: int = 3  # epochs without a better validation AUROC before stopping
     pos_weight: float | str | None = "auto"  # "auto" = n_negative / n_positive of the (subsampled) train set
+    clip_value: float | None = 1.0  # gradient-norm clipping (pytorch-tabnet's default)
     lambda_sparse: float = 0.0  # optional TabNet mask-sparsity penalty (pytorch-tabnet default: 1e-3)
     seed: int = 0
     label_fraction: float = 1.0
@@ -238,6 +239,8 @@ def finetune(
                     loss = loss - config.lambda_sparse * m_loss  # pytorch-tabnet's sign convention
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if config.clip_value:
+                    nn.utils.clip_grad_norm_(params, config.clip_value)
                 optimizer.step()
                 total += loss.item() * len(idx)
             val_auc = _auroc(y_val, _predict_x(model, x_val, device), "validation")

@@ -38,13 +38,17 @@ from ehrclip_kit.encoders.tabular import (
 
 @dataclass
 class MaskedPretrainConfig:
-    """Masked reconstruction settings; ``lr`` (Adam), ``batch_size`` and the ratio are pytorch-tabnet's defaults."""
+    """Masked reconstruction settings; Adam ``lr``, ``batch_size``, ``clip_value`` and the ratio are
+    pytorch-tabnet's defaults. Without the gradient clipping the variance-scaled loss spikes on some batches
+    and the network settles near "predict the mean" (train loss ~0.95 instead of ~0.85 on the test cohort).
+    """
 
     pretraining_ratio: float = 0.2  # share of features hidden per row
     epochs: int = 50
     batch_size: int = 1024
     lr: float = 2e-2
     weight_decay: float = 0.0
+    clip_value: float | None = 1.0  # gradient-norm clipping, pytorch-tabnet's default (it matters: see below)
     patience: int = 5  # epochs without validation improvement before stopping
     n_shared_decoder: int = 1
     n_indep_decoder: int = 1
@@ -264,7 +268,9 @@ def masked_pretrain(
             network.train()
             perm = order_rng.permutation(len(x_train))
             batches = [perm[i : i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
-            if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm cannot train on a single row
+            if len(batches) > 1 and len(batches[-1]) < config.batch_size:
+                # drop_last, as pytorch-tabnet does: the loss divides by per-batch column variances, and a
+                # small remainder batch makes them tiny (a rare missing indicator) and the step explode.
                 batches = batches[:-1]
             total, n_seen = 0.0, 0
             for idx in batches:
@@ -274,6 +280,8 @@ def masked_pretrain(
                 loss = UnsupervisedLoss(res, embedded, obf_vars)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if config.clip_value:
+                    nn.utils.clip_grad_norm_(network.parameters(), config.clip_value)
                 optimizer.step()
                 total, n_seen = total + loss.item() * len(idx), n_seen + len(idx)
             val_loss = masked_reconstruction_loss(network, x_val, seed=config.seed + 1, device=device)

@@ -86,7 +86,8 @@ def build_index(
     (exact) faiss index below ``ivf_min`` rows and an IVF index from there. ``"faiss-flat"`` and
     ``"faiss-ivf"`` force one. IVF: ``nlist`` lists (default ~sqrt(n)), k-means trained on ``train_size``
     rows (default 40 per list) drawn with ``seed``; ``nprobe`` lists searched per query (default
-    ``max(1, nlist // 32)``; raise it for recall, lower it for speed).
+    ``max(1, nlist // 8)``; raise it for recall, lower it for speed: on hard
+    128-d data at 1M rows nlist // 8 gave recall@10 ~0.83, see the benchmark).
     """
     if metric not in ("cosine", "ip"):
         raise ValueError(f"build_index: metric must be 'cosine' or 'ip', got {metric!r}")
@@ -112,7 +113,7 @@ def build_index(
     nlist = nlist or max(1, int(round(math.sqrt(n))))
     if nlist > n:
         raise ValueError(f"build_index: nlist={nlist} exceeds the {n} rows to index")
-    nprobe = nprobe or max(1, nlist // 32)
+    nprobe = nprobe or max(1, nlist // 8)
     train_size = min(n, train_size or 40 * nlist)
     rng = np.random.default_rng(seed)
     sample = x[np.sort(rng.choice(n, size=train_size, replace=False))] if train_size < n else x

@@ -11,6 +11,16 @@ The model is any ``nn.Module`` whose ``forward(batch)`` returns a dict with a sc
   ``config.json``, ``trainer_state.pt`` (optimizer, scheduler, every rank's RNG states, counters,
   history), ``metrics.json``. ``fit(resume=True)`` continues from it bit-exactly (same weights as an
   uninterrupted run), provided the dataset returns the same item for the same index.
+* **Logs**: ``trainer.step_log`` (every ``log_every`` steps: loss, each ``<space>/...`` term, lr,
+  pairs/s; averaged over ranks) and the per-epoch ``history`` that ``fit`` returns (train loss, lr,
+  temperatures and whatever ``evaluate`` reports).
+
+Typical use (items are dicts ``{"ehr": tensor, "text": tensor}`` that the default collate stacks)::
+
+    model = ehr_text_model(ehr_encoder, d_ehr=128, d_text=384)
+    trainer = Trainer(model, train_set, TrainConfig(epochs=13, batch_size=64), out_dir="runs/pretrain",
+                      evaluate=ContrastiveEvaluator(val_set), dist=init_distributed())
+    history = trainer.fit()           # resumes from runs/pretrain/checkpoint when present
 """
 
 from __future__ import annotations
@@ -70,6 +80,8 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimiser steps (the schedule ends there too)
     log_every: int = 10
     progress: bool = True
+    # DDP: set when some trainable weights get no gradient (e.g. a transformer's unused pooler).
+    find_unused_parameters: bool = False
 
     def __post_init__(self):
         if self.amp not in ("auto", "bf16", "off"):
@@ -89,7 +101,8 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_ratio
     """LR multiplier for optimiser step ``step`` (0-based): linear warm-up to 1, then cosine to ``min_ratio``."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    # +1 so that the first decay step is already below the peak and the last one is near the floor.
+    progress = min(1.0, (step - warmup_steps + 1) / max(1, total_steps - warmup_steps + 1))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -154,7 +167,9 @@ class Trainer:
             if hasattr(model, "configure_distributed"):
                 model.configure_distributed(self.dist.rank, self.dist.world_size)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            self.net = nn.parallel.DistributedDataParallel(
+                model, device_ids=ids, find_unused_parameters=config.find_unused_parameters
+            )
         self.n_batches = len(self._batches(0))
         if self.n_batches == 0:
             raise ValueError(
@@ -348,34 +363,40 @@ class Trainer:
             generator=torch.Generator().manual_seed(c.seed + self.epoch),
         )
         self.model.train()
-        window_loss, t0, rows = torch.zeros((), device=self.device), time.perf_counter(), 0
+        window: dict[str, torch.Tensor] = {}  # sums of the scalar outputs over the accumulation window
+        t0, rows = time.perf_counter(), 0
         for batch in loader:
             i = self.batch_in_epoch
             start = (i // c.grad_accum) * c.grad_accum
-            window = min(c.grad_accum, n - start)
-            last = i == start + window - 1
+            size = min(c.grad_accum, n - start)
+            last = i == start + size - 1
             batch = move_to_device(batch, self.device)
             sync = contextlib.nullcontext() if last or self.net is self.model else self.net.no_sync()
             with sync:
                 with self._autocast():
-                    loss = self.net(batch)["loss"]
-                (loss / window).backward()
-            self._epoch_loss += loss.detach().float()
+                    out = self.net(batch)
+                (out["loss"] / size).backward()
+            self._epoch_loss += out["loss"].detach().float()
             self._epoch_count += 1
-            window_loss += loss.detach().float()
+            for key, value in out.items():
+                if isinstance(value, torch.Tensor) and value.ndim == 0:
+                    window[key] = window.get(key, 0) + value.detach().float()
             rows += _batch_rows(batch)
             self.batch_in_epoch += 1
             if not last:
                 continue
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
             self._optimizer_step()
-            logs = {"step": self.global_step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0]}
+            logs = {"step": self.global_step, "epoch": self.epoch + 1, "lr": lr}  # epochs count from 1
             if self.global_step % c.log_every == 0 or self.global_step == self.total_steps:
-                logs["loss"] = float(D.all_reduce_mean(window_loss / window, self.dist.world_size))
+                # One collective for every term: loss, per-space losses, temperatures.
+                means = D.all_reduce_mean(torch.stack(list(window.values())) / size, self.dist.world_size)
+                logs.update({k: float(v) for k, v in zip(window, means, strict=True)})
                 logs["pairs_per_s"] = rows * self.dist.world_size / max(time.perf_counter() - t0, 1e-9)
                 self.step_log.append(logs)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 t0, rows = time.perf_counter(), 0
-            window_loss = torch.zeros((), device=self.device)
+            window = {}
             bar.update(1)
             self._call("on_step_end", logs)
             if c.checkpoint_every and self.global_step % c.checkpoint_every == 0:
@@ -402,6 +423,8 @@ class Trainer:
             "train_loss": float(train_loss),
             "lr": self.scheduler.get_last_lr()[0],
         }
+        for name, p in getattr(unwrap(self.model), "logit_scales", {}).items():
+            record[f"{name}/logit_scale"] = float(p.detach().exp())
         metrics = None
         if self.evaluate is not None and self.dist.is_main:
             self.model.eval()

@@ -16,25 +16,27 @@ import html
 import math
 import os
 import sys
-import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ehrclip_kit.embeddings_view import embedding_scatter, joint_scatter, similarity_heatmap
 from ehrclip_kit.io import atomic_path
 
+__all__ = [
+    "attrition_funnel", "training_curves", "logit_scale_curve", "label_efficiency", "calibration_plot",
+    "similarity_heatmap", "ood_histograms", "embedding_scatter", "joint_scatter", "importance_bars",
+    "rank_correlation_heatmap", "reconstruction_error_bars", "ecg_12lead", "save_figure",
+]  # fmt: skip
+
 STANDARD_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
-PALETTE = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-)  # fmt: skip
-# A column with at most this many distinct values is coloured as categories (one legend entry each).
-MAX_CATEGORIES = 12
+PALETTE = tuple(plotly.colors.qualitative.D3)
 
 
 def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -83,15 +85,17 @@ def attrition_funnel(attrition_df: pd.DataFrame, task: str | None = None, kind: 
             )
         )
     elif kind == "sankey":
-        # node 0 = start; node 2k+1 = kept after step k; node 2k+2 = excluded at step k
+        # one "kept" node per step chained from the start, plus an "excluded" node where a step dropped any
         labels, src, dst, val = ["start"], [], [], []
         prev = 0
-        for k, (s, e, a, r) in enumerate(zip(steps, n_excl, n_after, reasons, strict=True)):
-            labels += [f"{s} ({a:,})", f"excluded: {r or s} ({e:,})"]
-            src += [prev, prev]
-            dst += [2 * k + 1, 2 * k + 2]
-            val += [a, e]
-            prev = 2 * k + 1
+        for s, e, a, r in zip(steps, n_excl, n_after, reasons, strict=True):
+            labels.append(f"{s} ({a:,})")
+            src, dst, val = src + [prev], dst + [len(labels) - 1], val + [a]
+            kept = len(labels) - 1
+            if e > 0:
+                labels.append(f"excluded: {r or s} ({e:,})")
+                src, dst, val = src + [prev], dst + [len(labels) - 1], val + [e]
+            prev = kept
         fig = go.Figure(
             go.Sankey(node={"label": labels, "pad": 12}, link={"source": src, "target": dst, "value": val})
         )
@@ -133,11 +137,15 @@ def training_curves(history: Sequence[Mapping[str, Any]], keys: Sequence[str] | 
     groups = [g for g in ("loss", "metrics", "schedule") if any(group(k) == g for k in keys)]
     if not groups:
         raise ValueError(f"training_curves: no numeric keys to plot in {list(frame.columns)}")
-    fig = make_subplots(rows=len(groups), cols=1, shared_xaxes=True, subplot_titles=groups, vertical_spacing=0.08)
+    fig = make_subplots(
+        rows=len(groups), cols=1, shared_xaxes=True, subplot_titles=groups, vertical_spacing=0.08
+    )
     for i, key in enumerate(keys):
         ok = frame[key].notna()
         fig.add_trace(
-            go.Scatter(x=x[ok], y=frame.loc[ok, key], mode="lines+markers", name=key, line_color=PALETTE[i % 10]),
+            go.Scatter(
+                x=x[ok], y=frame.loc[ok, key], mode="lines+markers", name=key, line_color=PALETTE[i % 10]
+            ),
             row=groups.index(group(key)) + 1,
             col=1,
         )
@@ -156,7 +164,9 @@ def logit_scale_curve(history: Sequence[Mapping[str, Any]], log_space: bool | No
     frame = pd.DataFrame(list(history))
     keys = [c for c in frame.columns if "logit_scale" in c]
     if not keys:
-        raise ValueError(f"logit_scale_curve: no '*logit_scale*' key in history columns {list(frame.columns)}")
+        raise ValueError(
+            f"logit_scale_curve: no '*logit_scale*' key in history columns {list(frame.columns)}"
+        )
     xkey = next((k for k in ("step", "global_step", "epoch") if k in frame.columns), None)
     x = frame[xkey] if xkey else pd.Series(np.arange(len(frame)))
     if log_space is None:
@@ -167,12 +177,18 @@ def logit_scale_curve(history: Sequence[Mapping[str, Any]], log_space: bool | No
         vals = frame.loc[ok, key].to_numpy(dtype=float)
         fig.add_trace(
             go.Scatter(
-                x=x[ok], y=np.exp(vals) if log_space else vals, mode="lines", name=key, line_color=PALETTE[i % 10]
+                x=x[ok],
+                y=np.exp(vals) if log_space else vals,
+                mode="lines",
+                name=key,
+                line_color=PALETTE[i % 10],
             )
         )
     for y, text in ((1 / 0.07, "init 1/0.07"), (100.0, "clamp 100")):
         fig.add_hline(y=y, line_dash="dash", line_color="grey", annotation_text=text)
-    fig.update_layout(title="Learned logit scale (1 / temperature)", xaxis_title=xkey or "row", yaxis_title="scale")
+    fig.update_layout(
+        title="Learned logit scale (1 / temperature)", xaxis_title=xkey or "row", yaxis_title="scale"
+    )
     return fig
 
 
@@ -184,7 +200,9 @@ def label_efficiency(summary_df: pd.DataFrame, metric: str = "auroc", task: str 
     ci_high, n. With several tasks (and no ``task``), one panel per task.
     """
     _require(
-        summary_df, ["task", "method", "label_fraction", "metric", "mean", "ci_low", "ci_high"], "summary table"
+        summary_df,
+        ["task", "method", "label_fraction", "metric", "mean", "ci_low", "ci_high"],
+        "summary table",
     )
     rows = summary_df[summary_df["metric"].astype(str).str.lower() == metric.lower()]
     if task is not None:
@@ -247,15 +265,25 @@ def label_efficiency(summary_df: pd.DataFrame, metric: str = "auroc", task: str 
 def calibration_plot(curves: Mapping[str, pd.DataFrame]) -> go.Figure:
     """Reliability diagram: per method, observed positive rate against mean predicted probability per bin.
 
-    ``curves`` maps method -> DataFrame(bin_mean_pred, frac_pos, count); marker area follows the bin count.
-    The dashed diagonal is perfect calibration.
+    ``curves`` maps method -> DataFrame with (bin_mean_pred, frac_pos, count) or, as written by
+    :func:`ehrclip_kit.evaluation.calibration_curve`, (mean_pred, observed, count[, observed_lo,
+    observed_hi]); CI columns become error bars. Marker area follows the bin count; the dashed diagonal is
+    perfect calibration.
     """
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dash", "color": "grey"}, name="ideal"))
+    fig.add_trace(
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dash", "color": "grey"}, name="ideal")
+    )
     for i, (method, curve) in enumerate(curves.items()):
+        curve = curve.rename(columns={"mean_pred": "bin_mean_pred", "observed": "frac_pos"})
         _require(curve, ["bin_mean_pred", "frac_pos", "count"], f"calibration curve of {method!r}")
         count = curve["count"].to_numpy(float)
         size = 6 + 14 * np.sqrt(count / max(count.max(), 1))
+        error_y = None
+        if {"observed_lo", "observed_hi"} <= set(curve.columns):
+            obs = curve["frac_pos"].to_numpy(float)
+            error_y = {"type": "data", "array": curve["observed_hi"].to_numpy(float) - obs,
+                       "arrayminus": obs - curve["observed_lo"].to_numpy(float)}  # fmt: skip
         fig.add_trace(
             go.Scatter(
                 x=curve["bin_mean_pred"],
@@ -264,6 +292,7 @@ def calibration_plot(curves: Mapping[str, pd.DataFrame]) -> go.Figure:
                 name=method,
                 marker={"size": size},
                 line_color=PALETTE[i % 10],
+                error_y=error_y,
                 customdata=count,
                 hovertemplate=f"{method}<br>predicted %{{x:.3f}}<br>observed %{{y:.3f}}<br>n=%{{customdata:.0f}}<extra></extra>",
             )
@@ -272,29 +301,6 @@ def calibration_plot(curves: Mapping[str, pd.DataFrame]) -> go.Figure:
         title="Calibration", xaxis_title="mean predicted probability", yaxis_title="fraction positive",
         xaxis_range=[0, 1], yaxis_range=[0, 1],
     )  # fmt: skip
-    return fig
-
-
-def similarity_heatmap(
-    a_emb: Any, b_emb: Any, labels: Sequence[str] | None = None, normalize: bool = True, title: str | None = None
-) -> go.Figure:
-    """Cosine similarity of every row of ``a_emb`` with every row of ``b_emb`` (e.g. EHR vs note embeddings
-    of the same admissions: a bright diagonal means matching pairs are found)."""
-    a = np.asarray(a_emb.detach().cpu() if hasattr(a_emb, "detach") else a_emb, dtype=float)
-    b = np.asarray(b_emb.detach().cpu() if hasattr(b_emb, "detach") else b_emb, dtype=float)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"similarity_heatmap needs [N, d] and [M, d] arrays, got {a.shape} and {b.shape}")
-    if normalize:
-        a = a / np.clip(np.linalg.norm(a, axis=1, keepdims=True), 1e-12, None)
-        b = b / np.clip(np.linalg.norm(b, axis=1, keepdims=True), 1e-12, None)
-    sim = a @ b.T
-    kwargs = {}
-    if labels is not None:
-        kwargs = {"x": list(labels)[: b.shape[0]], "y": list(labels)[: a.shape[0]]}
-    fig = go.Figure(go.Heatmap(z=sim, colorscale="Viridis", colorbar_title="cosine", **kwargs))
-    fig.update_layout(
-        title=title or "Similarity (rows: a, columns: b)", yaxis_autorange="reversed", xaxis_title="b", yaxis_title="a"
-    )
     return fig
 
 
@@ -308,15 +314,28 @@ def ood_histograms(scores: Mapping[str, tuple[Any, Any]], nbins: int = 40) -> go
     titles = []
     for name, (s_in, s_out) in scores.items():
         y = np.r_[np.zeros(len(s_in)), np.ones(len(s_out))]
-        auroc = roc_auc_score(y, np.r_[np.asarray(s_in, float), np.asarray(s_out, float)]) if len(set(y)) == 2 else math.nan
+        auroc = (
+            roc_auc_score(y, np.r_[np.asarray(s_in, float), np.asarray(s_out, float)])
+            if len(set(y)) == 2
+            else math.nan
+        )
         titles.append(f"{name} (AUROC {auroc:.3f})")
     fig = make_subplots(rows=1, cols=max(len(scores), 1), subplot_titles=titles)
     for col, (name, (s_in, s_out)) in enumerate(scores.items(), start=1):
-        for vals, label, colour in ((s_in, "in-distribution", PALETTE[0]), (s_out, "out-of-distribution", PALETTE[3])):
+        for vals, label, colour in (
+            (s_in, "in-distribution", PALETTE[0]),
+            (s_out, "out-of-distribution", PALETTE[3]),
+        ):
             fig.add_trace(
                 go.Histogram(
-                    x=np.asarray(vals, float), name=label, nbinsx=nbins, opacity=0.6, marker_color=colour,
-                    legendgroup=label, showlegend=col == 1, histnorm="probability density",
+                    x=np.asarray(vals, float),
+                    name=label,
+                    nbinsx=nbins,
+                    opacity=0.6,
+                    marker_color=colour,
+                    legendgroup=label,
+                    showlegend=col == 1,
+                    histnorm="probability density",
                 ),  # fmt: skip
                 row=1,
                 col=col,
@@ -326,111 +345,10 @@ def ood_histograms(scores: Mapping[str, tuple[Any, Any]], nbins: int = 40) -> go
     return fig
 
 
-# -------------------------------------------------------------------------------------- embeddings
-def _hover_texts(
-    hover_frame: pd.DataFrame | None, note_column: str | None, snippet_chars: int, width: int = 80
-) -> list[str] | None:
-    if hover_frame is None:
-        return None
-    cols = [c for c in hover_frame.columns if c != note_column]
-    texts = []
-    for _, row in hover_frame.iterrows():
-        parts = [f"<b>{html.escape(str(c))}</b>: {_fmt(row[c])}" for c in cols]
-        if note_column is not None and isinstance(row[note_column], str) and row[note_column]:
-            snippet = " ".join(row[note_column].split())[:snippet_chars]
-            wrapped = textwrap.wrap(snippet, width=width) or [""]
-            parts.append("<i>note</i>: " + "<br>".join(html.escape(line) for line in wrapped) + " …")
-        texts.append("<br>".join(parts))
-    return texts
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float | np.floating):
-        return "NaN" if np.isnan(value) else f"{value:.3g}"
-    return html.escape(str(value))
-
-
-def _is_categorical(values: pd.Series) -> bool:
-    if isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == bool or not pd.api.types.is_numeric_dtype(values):
-        return True
-    return values.nunique(dropna=True) <= MAX_CATEGORIES and bool(
-        np.all(np.mod(values.dropna().to_numpy(float), 1) == 0)
-    )
-
-
-def embedding_scatter(
-    xy: Any,
-    color: Any = None,
-    hover_frame: pd.DataFrame | None = None,
-    title: str | None = None,
-    note_column: str | None = None,
-    snippet_chars: int = 240,
-    color_name: str | None = None,
-    marker_size: int = 6,
-) -> go.Figure:
-    """2-D scatter of an embedding layout (e.g. from :func:`ehrclip_kit.embeddings_view.umap_2d`).
-
-    ``color``: values per point; categories (strings, booleans, small integer sets) get one trace each with a
-    legend entry, continuous values one trace with a colour bar. ``hover_frame``: one row per point; its
-    columns are shown on hover, and ``note_column`` (if given) as a note snippet wrapped to 80 characters.
-    Uses SVG scatter (not WebGL) so the points exist in the page's DOM.
-    """
-    xy = np.asarray(xy, dtype=float)
-    if xy.ndim != 2 or xy.shape[1] != 2:
-        raise ValueError(f"embedding_scatter needs xy of shape [N, 2], got {xy.shape}")
-    n = len(xy)
-    if hover_frame is not None:
-        if len(hover_frame) != n:
-            raise ValueError(f"hover_frame has {len(hover_frame)} rows but xy has {n} points")
-        if note_column is not None:
-            _require(hover_frame, [note_column], "hover_frame")
-    texts = _hover_texts(hover_frame, note_column, snippet_chars)
-    texts_arr = np.asarray(texts if texts is not None else [""] * n, dtype=object)
-    marker = {"size": marker_size, "opacity": 0.8, "line": {"width": 0}}
-    fig = go.Figure()
-    if color is None:
-        fig.add_trace(go.Scatter(x=xy[:, 0], y=xy[:, 1], mode="markers", marker=marker, hovertext=texts_arr,
-                                 hoverinfo="text", name="points", showlegend=False))  # fmt: skip
-    else:
-        values = pd.Series(np.asarray(color, dtype=object) if not isinstance(color, pd.Series) else color.to_numpy())
-        if len(values) != n:
-            raise ValueError(f"color has {len(values)} values but xy has {n} points")
-        values = values.infer_objects()
-        if _is_categorical(values):
-            labels = values.astype(str).where(values.notna(), "missing")
-            for i, cat in enumerate(sorted(labels.unique(), key=_natural_key)):
-                idx = np.flatnonzero((labels == cat).to_numpy())
-                fig.add_trace(
-                    go.Scatter(
-                        x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=cat, hovertext=texts_arr[idx],
-                        hoverinfo="text", marker={**marker, "color": PALETTE[i % 10]},
-                    )  # fmt: skip
-                )
-        else:
-            fig.add_trace(
-                go.Scatter(
-                    x=xy[:, 0], y=xy[:, 1], mode="markers", hovertext=texts_arr, hoverinfo="text", showlegend=False,
-                    marker={**marker, "color": values.to_numpy(float), "colorscale": "Viridis", "showscale": True,
-                            "colorbar": {"title": color_name or ""}},
-                    name=color_name or "value",
-                )  # fmt: skip
-            )
-    fig.update_layout(
-        title=title, xaxis={"title": "UMAP 1", "showticklabels": False}, yaxis={"title": "UMAP 2", "showticklabels": False},
-        legend_title_text=color_name, hoverlabel={"align": "left"}, height=560,
-    )  # fmt: skip
-    return fig
-
-
-def _natural_key(label: str) -> tuple:
-    try:
-        return (0, float(label), "")
-    except ValueError:
-        return (1, 0.0, label)
-
-
 # ------------------------------------------------------------------------------------ importance
-def importance_bars(importances: Mapping[str, pd.Series], top_k: int = 20, normalize: bool = True) -> go.Figure:
+def importance_bars(
+    importances: Mapping[str, pd.Series], top_k: int = 20, normalize: bool = True
+) -> go.Figure:
     """Feature importances of several methods side by side (one panel each, shared feature axis).
 
     Features are the ``top_k`` by mean normalised importance over methods, in that order, so the panels are
@@ -447,12 +365,20 @@ def importance_bars(importances: Mapping[str, pd.Series], top_k: int = 20, norma
     fig = make_subplots(rows=1, cols=len(importances), shared_yaxes=True, subplot_titles=list(importances))
     for col, name in enumerate(table.columns, start=1):
         fig.add_trace(
-            go.Bar(x=table[name], y=[str(i) for i in table.index], orientation="h", name=name,
-                   marker_color=PALETTE[(col - 1) % 10], showlegend=False),  # fmt: skip
+            go.Bar(
+                x=table[name],
+                y=[str(i) for i in table.index],
+                orientation="h",
+                name=name,
+                marker_color=PALETTE[(col - 1) % 10],
+                showlegend=False,
+            ),  # fmt: skip
             row=1,
             col=col,
         )
-    fig.update_layout(title="Feature importance" + (" (normalised)" if normalize else ""), height=140 + 22 * len(table))
+    fig.update_layout(
+        title="Feature importance" + (" (normalised)" if normalize else ""), height=140 + 22 * len(table)
+    )
     return fig
 
 
@@ -461,23 +387,35 @@ def rank_correlation_heatmap(matrix_df: pd.DataFrame, title: str = "Rank correla
     z = matrix_df.to_numpy(dtype=float)
     fig = go.Figure(
         go.Heatmap(
-            z=z, x=[str(c) for c in matrix_df.columns], y=[str(i) for i in matrix_df.index], zmin=-1, zmax=1,
-            colorscale="RdBu", texttemplate="%{z:.2f}", colorbar_title="rho",
+            z=z,
+            x=[str(c) for c in matrix_df.columns],
+            y=[str(i) for i in matrix_df.index],
+            zmin=-1,
+            zmax=1,
+            colorscale="RdBu",
+            texttemplate="%{z:.2f}",
+            colorbar_title="rho",
         )  # fmt: skip
     )
     fig.update_layout(title=title, yaxis_autorange="reversed")
     return fig
 
 
-def reconstruction_error_bars(series: pd.Series, top_k: int | None = 30, title: str | None = None) -> go.Figure:
+def reconstruction_error_bars(
+    series: pd.Series, top_k: int | None = 30, title: str | None = None
+) -> go.Figure:
     """Per-feature reconstruction error of masked pretraining, largest first (``top_k`` of them)."""
     s = pd.Series(series, dtype=float).sort_values(ascending=False)
     if top_k is not None:
         s = s.iloc[:top_k]
     s = s.iloc[::-1]
-    fig = go.Figure(go.Bar(x=s.to_numpy(), y=[str(i) for i in s.index], orientation="h", marker_color=PALETTE[0]))
+    fig = go.Figure(
+        go.Bar(x=s.to_numpy(), y=[str(i) for i in s.index], orientation="h", marker_color=PALETTE[0])
+    )
     fig.update_layout(
-        title=title or "Reconstruction error per feature", xaxis_title=s.name or "error", height=140 + 20 * len(s)
+        title=title or "Reconstruction error per feature",
+        xaxis_title=s.name or "error",
+        height=140 + 20 * len(s),
     )
     return fig
 
@@ -511,7 +449,9 @@ def ecg_12lead(signal: Any, fs: float, leads: Sequence[str] | None = None, layou
                         vertical_spacing=0.06, horizontal_spacing=0.03)  # fmt: skip
     for k, name in enumerate(leads):
         fig.add_trace(
-            go.Scatter(x=t, y=sig[k], mode="lines", line={"width": 1, "color": "black"}, name=name, showlegend=False),
+            go.Scatter(
+                x=t, y=sig[k], mode="lines", line={"width": 1, "color": "black"}, name=name, showlegend=False
+            ),
             row=k % rows + 1,
             col=k // rows + 1,
         )

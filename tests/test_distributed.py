@@ -50,7 +50,9 @@ CASES = {
 
 def _toy_model():
     torch.manual_seed(0)
-    return pair_model(nn.Linear(D_A, 4), nn.Linear(D_B, 4), names=("ecg", "codes"), dims=(4, 4), proj_dim=3, dropout=0.0)
+    return pair_model(
+        nn.Linear(D_A, 4), nn.Linear(D_B, 4), names=("ecg", "codes"), dims=(4, 4), proj_dim=3, dropout=0.0
+    )
 
 
 def _run_case(make_loss, rank, world, xa, xb):
@@ -84,9 +86,16 @@ def _worker(rank, port, out_path):
     results = {name: _run_case(make, rank, WORLD, xa[mine], xb[mine]) for name, make in CASES.items()}
     # Forward value without gradient gathering: same loss (gradients differ by design).
     with torch.no_grad():
-        results["nograd_loss"] = float(_pair_loss(_towers(), xa[mine], xb[mine],
-                                                  ClipLoss(gather_with_grad=False, rank=rank, world_size=WORLD),
-                                                  torch.tensor(2.0), None))
+        results["nograd_loss"] = float(
+            _pair_loss(
+                _towers(),
+                xa[mine],
+                xb[mine],
+                ClipLoss(gather_with_grad=False, rank=rank, world_size=WORLD),
+                torch.tensor(2.0),
+                None,
+            )
+        )
     # The real thing: a ContrastiveModel under DistributedDataParallel.
     model = _toy_model()
     model.configure_distributed(rank, WORLD, local_loss=True)
@@ -133,7 +142,7 @@ def test_ddp_contrastive_model_matches_one_process(two_process_results):
     out = model({"ecg": xa, "codes": xb})
     out["loss"].backward()
     loss, grads = two_process_results["ddp_model"]
-    assert loss == pytest.approx(float(out["loss"]), abs=1e-5)
+    assert loss == pytest.approx(out["loss"].item(), abs=1e-5)
     for g, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-5)
 

@@ -5,10 +5,15 @@ import pytest
 import torch
 
 from ehrclip_kit.encoders.codes import (
+    CLS_ID,
+    MASK_ID,
+    N_SPECIAL,
+    PAD_ID,
     CodesEncoder,
     CodesEncoderConfig,
     bucket_day_deltas,
     collate_codes,
+    encode_code_sequence,
     mask_codes,
     masked_code_pretraining,
 )
@@ -86,12 +91,12 @@ def test_bucket_day_deltas_is_monotone_signed_and_capped():
 
 def test_collate_codes_pads_prepends_cls_and_keeps_most_recent():
     b = collate_codes([([10, 11, 12, 13], [1, 2, 1, 2], [5, 4, 3, 2]), ([20], [3], [1])], max_len=3)
-    assert b["input_ids"].tolist() == [[1, 12, 13], [1, 20, 0]]
+    assert b["input_ids"].tolist() == [[2, 12, 13], [2, 20, 0]]
     assert b["token_type_ids"].tolist() == [[0, 1, 2], [0, 3, 0]]
     assert b["time_buckets"].tolist() == [[0, 3, 2], [0, 1, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     first = collate_codes([([10, 11, 12, 13], [1, 1, 1, 1], [1, 1, 1, 1])], max_len=3, keep="first")
-    assert first["input_ids"].tolist() == [[1, 10, 11]]
+    assert first["input_ids"].tolist() == [[2, 10, 11]]
     with pytest.raises(ValueError, match="item 0"):
         collate_codes([([1, 2], [1], [1, 1])])
 
@@ -99,7 +104,7 @@ def test_collate_codes_pads_prepends_cls_and_keeps_most_recent():
 def test_masking_never_touches_pad_or_cls_and_follows_80_10_10():
     cfg = CodesEncoderConfig(vocab_size=500, hidden=16, layers=1, heads=2, intermediate=32)
     rng = np.random.default_rng(0)
-    items = [(rng.integers(4, 500, n).tolist(), [1] * n, [1] * n) for n in rng.integers(1, 60, 400)]
+    items = [(rng.integers(5, 500, n).tolist(), [1] * n, [1] * n) for n in rng.integers(1, 60, 400)]
     b = collate_codes(items, max_len=64)
     masked, labels = mask_codes(b["input_ids"], b["attention_mask"], cfg, torch.Generator().manual_seed(0))
     pad = b["attention_mask"] == 0
@@ -120,10 +125,27 @@ def test_masking_never_touches_pad_or_cls_and_follows_80_10_10():
 # ---------------------------------------------------------------- codes encoder
 
 
+def test_special_ids_match_the_code_vocabulary():
+    from ehrclip_kit.data.codes import CodeVocab
+
+    vocab = CodeVocab.fit([["DX10:I48", "RX:digoxin", "PR10:02H"], ["DX10:I48"]])
+    assert (vocab.pad_id, vocab.cls_id, vocab.mask_id) == (PAD_ID, CLS_ID, MASK_ID)
+    cfg = CodesEncoderConfig.for_vocab(vocab, hidden=16, layers=1, heads=2, intermediate=32)
+    assert cfg.vocab_size == len(vocab) == 8 and cfg.n_special == N_SPECIAL
+    item = encode_code_sequence(["DX10:I48", "RX:digoxin", "DX9:999"], [-400.0, 0.0, 3.0], vocab)
+    assert item == (
+        [5, 7, vocab.unk_id],  # DX10:I48 most frequent; PR < RX on ties
+        [1, 3, 1],
+        bucket_day_deltas([-400, 0, 3]).tolist(),
+    )
+    out = CodesEncoder(cfg).eval()(collate_codes([item], cls_id=vocab.cls_id, pad_id=vocab.pad_id))
+    assert out.shape == (1, 16)
+
+
 def _tiny_cfg(**kw):
     return CodesEncoderConfig(
         **{
-            "vocab_size": 40,
+            "vocab_size": 41,
             "hidden": 32,
             "layers": 2,
             "heads": 2,
@@ -161,12 +183,12 @@ def test_codes_encoder_uses_types_and_time():
 
 def _structured_sequences(n, rng):
     """Each patient draws codes from one of six disjoint "conditions" of six codes: a masked code is
-    predictable (up to the condition) from the others, so the loss can fall from ln(40) to ~ln(5)."""
+    predictable (up to the condition) from the others, so the loss can fall from ln(41) to ~ln(5)."""
     out = []
     for _ in range(n):
         cond = int(rng.integers(0, 6))
         length = int(rng.integers(4, 10))
-        ids = (4 + 6 * cond + rng.integers(0, 6, length)).tolist()
+        ids = (5 + 6 * cond + rng.integers(0, 6, length)).tolist()
         out.append((ids, [1] * length, bucket_day_deltas(np.arange(length)).tolist()))
     return out
 

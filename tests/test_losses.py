@@ -111,4 +111,6 @@ def test_single_process_never_touches_torch_distributed(monkeypatch):
     for loss in (ClipLoss(local_loss=True), ClipLoss(gather_with_grad=False), SigLipLoss()):
         loss(a, b, s, torch.tensor(-1.0, dtype=torch.float64))
     # local_loss makes no difference in one process.
-    assert torch.allclose(ClipLoss(local_loss=True)(a, b, s)["contrastive_loss"], ClipLoss()(a, b, s)["contrastive_loss"])
+    assert torch.allclose(
+        ClipLoss(local_loss=True)(a, b, s)["contrastive_loss"], ClipLoss()(a, b, s)["contrastive_loss"]
+    )

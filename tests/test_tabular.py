@@ -26,7 +26,7 @@ from ehrclip_kit.masked_pretraining import (
 )
 
 torch.set_num_threads(1)
-SMALL = TabNetConfig(n_d=8, n_a=8, n_steps=2, virtual_batch_size=64)
+SMALL = TabNetConfig(n_d=16, n_a=16, n_steps=2, virtual_batch_size=64)
 
 
 # ------------------------------------------------------------------------------------------ preprocessing
@@ -136,7 +136,7 @@ def test_encoder_equals_pytorch_tabnet_sum_of_relu_steps(tiny_cohort):
     assert h.shape == (len(x), SMALL.n_d) and enc.out_dim == SMALL.n_d
     # Reference 1: pytorch-tabnet's supervised TabNet with our weights and an identity final mapping
     # returns exactly the representation TabNetNoEmbeddings sums from the steps.
-    ref = TabNet(pre.n_inputs, 1, n_d=8, n_a=8, n_steps=2, cat_idxs=pre.cat_idxs, cat_dims=pre.cat_dims,
+    ref = TabNet(pre.n_inputs, 1, n_d=16, n_a=16, n_steps=2, cat_idxs=pre.cat_idxs, cat_dims=pre.cat_dims,
                  cat_emb_dim=[4, 4, 4], virtual_batch_size=64, group_attention_matrix=torch.eye(pre.n_inputs))  # fmt: skip
     report = transfer_pretrained_weights(ref, enc)  # supervised TabNet as a source: tabnet.encoder -> encoder
     # Left behind: the classifier layer and TabNetNoEmbeddings' own initial_bn, which its forward never uses.
@@ -177,7 +177,7 @@ def pretrained():
     frame, spec = make_tiny_cohort()
     train, val = (frame[frame["split"] == s].reset_index(drop=True) for s in ("train", "val"))
     pre = TabularPreprocessor().fit(train, spec)
-    cfg = MaskedPretrainConfig(epochs=12, batch_size=256, patience=12, seed=3, progress=False)
+    cfg = MaskedPretrainConfig(epochs=25, batch_size=64, patience=25, seed=3, progress=False)
     return pre, train, val, masked_pretrain(pre, train, val, SMALL, cfg), cfg
 
 
@@ -188,16 +188,16 @@ def test_masked_pretraining_reduces_reconstruction_loss(pretrained):
     untrained = build_pretraining_network(pre, SMALL, cfg)
     before = masked_reconstruction_loss(untrained, x, seed=11)
     after = masked_reconstruction_loss(result.network, x, seed=11)
-    assert after < 0.8 * before, (before, after)
-    assert len(result.history) == 12 and result.history[-1]["train_loss"] < result.history[0]["train_loss"]
-    best = min(range(12), key=lambda i: result.history[i]["val_loss"])
-    assert result.best_epoch == best
+    # A random decoder is far off; the trained one beats "predict each column's mean" (loss ~1).
+    assert before > 10 and after < 0.99, (before, after)
+    assert len(result.history) == 25 and result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.best_epoch == min(range(25), key=lambda i: result.history[i]["val_loss"])
     errors = reconstruction_error_per_feature(result.network, pre, train, repeats=2)
     assert list(errors["column"]) == pre.columns and (errors["n_masked"] > 0).all()
     assert np.isfinite(errors["nmse"]).all()
-    # lab_a is predictable from its proxies (lab_c, stage...), pure noise is not.
+    # It learned the structure: lab_a is predictable from its proxies (lab_c, lab_f, stage), noise is not.
     nmse = errors.set_index("column")["nmse"]
-    assert nmse["lab_a"] < nmse["noise_2"]
+    assert nmse["lab_a"] < 0.8 and nmse["noise_2"] > 0.9, nmse.round(2).to_dict()
 
 
 def test_every_encoder_tensor_is_transferred(pretrained):

@@ -62,7 +62,8 @@ def normalise_drug(name) -> str:
     """Lower-case drug name without bracketed brand names, strengths, forms and routes (max 3 words)."""
     text = re.sub(r"\([^)]*\)|\[[^]]*\]", " ", str(name).lower())
     words = [w for w in re.split(r"[^a-z0-9%.\-]+", text) if w and not re.search(r"[0-9%]", w)]
-    words = [w.strip(".-") for w in words if w.strip(".-") not in _FORM_WORDS and len(w.strip(".-")) > 1]
+    words = [w.replace(".", "").strip("-") for w in words]
+    words = [w for w in words if w not in _FORM_WORDS and len(w) > 1]
     return " ".join(words[:3])
 
 
@@ -81,7 +82,9 @@ def term_from_title(title) -> str:
 def _anchor_frame(anchors: pd.DataFrame) -> pd.DataFrame:
     need = {"subject_id", "anchor_id", "anchor_time"}
     if missing := need - set(anchors.columns):
-        raise ValueError(f"anchors is missing columns {sorted(missing)} (needs subject_id, anchor_id, anchor_time)")
+        raise ValueError(
+            f"anchors is missing columns {sorted(missing)} (needs subject_id, anchor_id, anchor_time)"
+        )
     out = anchors[["subject_id", "anchor_id", "anchor_time"]].copy()
     out["subject_id"] = out["subject_id"].astype("int64")
     out["anchor_time"] = pd.to_datetime(out["anchor_time"]).astype("datetime64[us]")
@@ -147,7 +150,9 @@ def coded_events(
     con = duckdb.connect()
     con.register("anchors", frame)
     events = _events_sql(hosp_dir, con, dx_chars, pr_chars, kinds)
-    after = "x.anchor_time" if past_only else f"x.anchor_time + INTERVAL ({float(window_days)} * 86400) SECOND"
+    after = (
+        "x.anchor_time" if past_only else f"x.anchor_time + INTERVAL ({float(window_days)} * 86400) SECOND"
+    )
     sql = f"""
         WITH events AS ({events}),
         hits AS (
@@ -181,7 +186,9 @@ def code_sequences(
     deltas_days (list[float], event time minus anchor time; negative = before the anchor).
     """
     events = coded_events(hosp_dir, anchors, window_days, past_only, kinds, dx_chars, pr_chars)
-    grouped = events.groupby("anchor_id", sort=False).agg(tokens=("token", list), deltas_days=("delta_days", list))
+    grouped = events.groupby("anchor_id", sort=False).agg(
+        tokens=("token", list), deltas_days=("delta_days", list)
+    )
     out = pd.DataFrame({"anchor_id": anchors["anchor_id"].to_numpy()})
     out = out.merge(grouped, left_on="anchor_id", right_index=True, how="left")
     for col in ("tokens", "deltas_days"):
@@ -208,7 +215,9 @@ class CodeVocab:
         self._ids = {t: i for i, t in enumerate(self.tokens)}
 
     @classmethod
-    def fit(cls, sequences: Iterable[Sequence[str]], min_count: int = 1, max_size: int | None = None) -> CodeVocab:
+    def fit(
+        cls, sequences: Iterable[Sequence[str]], min_count: int = 1, max_size: int | None = None
+    ) -> CodeVocab:
         """Keep tokens seen at least ``min_count`` times (most frequent first, ties by name)."""
         counts = Counter(t for seq in sequences for t in seq)
         kept = sorted((t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
@@ -240,7 +249,9 @@ class CodeVocab:
         return cls(json.loads(Path(path).read_text())["tokens"])
 
 
-def build_entity_dictionary(hosp_dir, extra_terms: Iterable[str] = (), max_words: int = 6) -> dict[tuple, str]:
+def build_entity_dictionary(
+    hosp_dir, extra_terms: Iterable[str] = (), max_words: int = 6
+) -> dict[tuple, str]:
     """Word-tuple -> term dictionary from ICD diagnosis titles, drug names and ``extra_terms``.
 
     Titles become terms with :func:`term_from_title`; a term starting with a qualifier such as 'essential'
@@ -288,7 +299,9 @@ def _notes_in_window(note_dir, anchors: pd.DataFrame, window_days: float, past_o
     frame = _anchor_frame(anchors)
     con = duckdb.connect()
     con.register("anchors", frame)
-    after = "x.anchor_time" if past_only else f"x.anchor_time + INTERVAL ({float(window_days)} * 86400) SECOND"
+    after = (
+        "x.anchor_time" if past_only else f"x.anchor_time + INTERVAL ({float(window_days)} * 86400) SECOND"
+    )
     return con.sql(
         f"""SELECT x.anchor_id, n.note_id, CAST(n.charttime AS TIMESTAMP) AS charttime, n.text
             FROM anchors x JOIN {_read(_table(note_dir, "discharge"))} n
@@ -305,7 +318,9 @@ def _per_anchor(anchors: pd.DataFrame, texts: pd.Series) -> pd.DataFrame:
     return out
 
 
-def report_text(note_dir, anchors: pd.DataFrame, window_days: float = 30, past_only: bool = False, clean=None):
+def report_text(
+    note_dir, anchors: pd.DataFrame, window_days: float = 30, past_only: bool = False, clean=None
+):
     """Report concatenation: the discharge notes within +-``window_days`` (30: the paper's +-1 month) of each
     anchor, oldest first, joined by blank lines; ``clean`` (e.g. ``notes.clean_note``) is applied to each.
     Returns anchor_id, text ('' when no note falls in the window)."""
@@ -333,22 +348,31 @@ def entity_text(
     prescriptions themselves (for data without notes, e.g. the MIMIC-IV demo); ``"auto"`` picks notes when
     ``note_dir`` has a discharge table. Returns anchor_id, text.
     """
-    has_notes = note_dir is not None and any(Path(note_dir, f"discharge{s}").exists() for s in (".csv.gz", ".csv"))
+    has_notes = note_dir is not None and any(
+        Path(note_dir, f"discharge{s}").exists() for s in (".csv.gz", ".csv")
+    )
     if source == "auto":
         source = "notes" if has_notes else "codes"
     if source == "notes":
         dictionary = dictionary if dictionary is not None else build_entity_dictionary(hosp_dir)
         notes = _notes_in_window(note_dir, anchors, window_days, past_only)
-        per_note = {nid: find_entities(t, dictionary) for nid, t in zip(notes["note_id"], notes["text"], strict=True)}
+        per_note = {
+            nid: find_entities(t, dictionary) for nid, t in zip(notes["note_id"], notes["text"], strict=True)
+        }
         notes["terms"] = notes["note_id"].map(per_note)
     elif source == "codes":
         notes = coded_events(hosp_dir, anchors, window_days, past_only, ("DX", "RX"), None, None)
         con = duckdb.connect()
-        titles = con.sql(f"SELECT icd_code, icd_version, long_title FROM {_read(_table(hosp_dir, 'd_icd_diagnoses'))}").df()
+        titles = con.sql(
+            f"SELECT icd_code, icd_version, long_title FROM {_read(_table(hosp_dir, 'd_icd_diagnoses'))}"
+        ).df()
         titles["term"] = titles["long_title"].map(term_from_title)
-        lookup = dict(zip(zip(titles["icd_code"], titles["icd_version"], strict=True), titles["term"], strict=True))
+        lookup = dict(
+            zip(zip(titles["icd_code"], titles["icd_version"], strict=True), titles["term"], strict=True)
+        )
         notes["terms"] = [
-            [lookup.get((c, v), "")] if k == 0 else [c] for c, v, k in zip(notes["code"], notes["version"], notes["kind"], strict=True)
+            [lookup.get((c, v), "")] if k == 0 else [c]
+            for c, v, k in zip(notes["code"], notes["version"], notes["kind"], strict=True)
         ]
     else:
         raise ValueError(f"entity_text source must be 'auto', 'notes' or 'codes', got {source!r}")

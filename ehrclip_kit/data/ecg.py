@@ -172,8 +172,10 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
     return np.pad(x, width)
 
 
-def validate_ecg(signal, n_leads: int = 12, min_samples: int | None = None, flat_tol: float = 1e-3) -> str | None:
-    """Why a waveform is unusable ("wrong_shape", "nan", "flat_lead"), or None when it is fine.
+def validate_ecg(
+    signal, n_leads: int = 12, min_samples: int | None = None, flat_tol: float = 1e-3
+) -> str | None:
+    """Why a waveform is unusable ("wrong_shape", "nan_samples", "flat_lead"), or None when it is fine.
 
     A lead is flat when its peak-to-peak range is at most ``flat_tol`` mV (a disconnected electrode).
 
@@ -185,7 +187,7 @@ def validate_ecg(signal, n_leads: int = 12, min_samples: int | None = None, flat
     if signal.shape[1] == 0 or (min_samples is not None and signal.shape[1] < min_samples):
         return "wrong_shape"
     if not np.isfinite(signal).all():
-        return "nan"
+        return "nan_samples"
     if (np.ptp(signal, axis=1) <= flat_tol).any():
         return "flat_lead"
     return None

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import re
 from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -37,11 +36,11 @@ from ehrclip_kit.data.splits import assign_splits
 from ehrclip_kit.io import write_csv, write_json, write_parquet
 
 RECIPES = Path(__file__).resolve().parents[2] / "data_recipes"
-REASONS = ("unreadable", "wrong_shape", "nan", "flat_lead")
+REASONS = ("unreadable", "wrong_shape", "nan_samples", "flat_lead")
 REASON_TEXT = {
     "unreadable": "WFDB header or signal file missing or unreadable (e.g. truncated .dat)",
     "wrong_shape": "not 12 leads with the canonical names, or shorter than --min-seconds",
-    "nan": "NaN samples (values stored as the format's missing value)",
+    "nan_samples": "NaN samples (values stored as the format's missing value)",
     "flat_lead": "at least one lead flat (peak-to-peak <= 0.001 mV)",
 }
 # Harmonised labels: the same names from MIMIC machine statements and from PTB-XL SCP codes.
@@ -88,11 +87,16 @@ def mimic_labels(reports: pd.Series) -> pd.DataFrame:
     """
     text = reports.fillna("").astype(str)
     return pd.DataFrame(
-        {f"label_{k}": text.str.contains(p, flags=re.I, regex=True).astype("int8") for k, p in MIMIC_LABEL_PATTERNS.items()}
+        {
+            f"label_{k}": text.str.contains(p, flags=re.I, regex=True).astype("int8")
+            for k, p in MIMIC_LABEL_PATTERNS.items()
+        }
     )
 
 
-def check_record(path: str, n_leads: int = 12, min_seconds: float = 9.9) -> tuple[str | None, str, float, int]:
+def check_record(
+    path: str, n_leads: int = 12, min_seconds: float = 9.9
+) -> tuple[str | None, str, float, int]:
     """Read one record and say what is wrong with it: (reason or None, detail, fs, n_samples)."""
     try:
         x, fs, names = read_record(path)
@@ -114,7 +118,9 @@ def _check_star(args):
     return check_record(*args)
 
 
-def validate_records(paths, workers: int = 1, min_seconds: float = 9.9, progress: bool = True) -> pd.DataFrame:
+def validate_records(
+    paths, workers: int = 1, min_seconds: float = 9.9, progress: bool = True
+) -> pd.DataFrame:
     """Check every record (in a process pool when ``workers > 1``): reason, detail, fs, n_samples per path."""
     jobs = [(str(p), 12, min_seconds) for p in paths]
     bar = dict(total=len(jobs), desc="validating ECGs", unit="ecg", disable=not progress)
@@ -128,7 +134,9 @@ def validate_records(paths, workers: int = 1, min_seconds: float = 9.9, progress
 
 def _apply_validation(frame: pd.DataFrame, root: Path, source: str, n_listed: int, args) -> tuple:
     """Validate waveforms, drop the bad ones and build the attrition table and exclusion list."""
-    checks = validate_records([root / p for p in frame["path"]], args.workers, args.min_seconds, args.progress)
+    checks = validate_records(
+        [root / p for p in frame["path"]], args.workers, args.min_seconds, args.progress
+    )
     frame = frame.reset_index(drop=True)
     frame["fs"], frame["n_samples"] = checks["fs"], checks["n_samples"].astype("int64")
     steps = [(source, "listed", n_listed, 0, n_listed, "records in the source listing")]
@@ -140,7 +148,9 @@ def _apply_validation(frame: pd.DataFrame, root: Path, source: str, n_listed: in
         n -= k
     attrition = pd.DataFrame(steps, columns=["source", "step", "n_before", "n_excluded", "n_after", "reason"])
     bad = checks["reason"].notna()
-    excluded = frame.loc[bad, ["ecg_id", "path"]].assign(reason=checks["reason"][bad], detail=checks["detail"][bad])
+    excluded = frame.loc[bad, ["ecg_id", "path"]].assign(
+        reason=checks["reason"][bad], detail=checks["detail"][bad]
+    )
     return frame.loc[~bad].reset_index(drop=True), attrition, excluded
 
 
@@ -161,12 +171,16 @@ def build_mimic_index(root, hosp_dir=None, args=None) -> tuple[pd.DataFrame, pd.
     root = Path(root)
     con = duckdb.connect()
     for view in ("record_list", "machine_measurements"):
-        con.sql(f"CREATE VIEW {view} AS SELECT * FROM read_csv({_literal(_csv(root, view))}, header=true, all_varchar=true)")
+        con.sql(
+            f"CREATE VIEW {view} AS SELECT * FROM read_csv({_literal(_csv(root, view))}, header=true, all_varchar=true)"
+        )
     n_listed = int(con.sql("SELECT count(*) FROM record_list").fetchall()[0][0])
     frame = con.sql((RECIPES / "mimic_iv_ecg" / "ecg_records.sql").read_text()).df()
     if hosp_dir is not None:
         adm = codes._table(hosp_dir, "admissions")
-        con.sql(f"CREATE VIEW admissions AS SELECT * FROM read_csv({_literal(adm)}, header=true, all_varchar=true)")
+        con.sql(
+            f"CREATE VIEW admissions AS SELECT * FROM read_csv({_literal(adm)}, header=true, all_varchar=true)"
+        )
         con.register("ecgs", frame[["subject_id", "study_id", "ecg_time"]])
         links = con.sql((RECIPES / "mimic_iv_ecg" / "link_admissions.sql").read_text()).df()
         frame = frame.merge(links, on="study_id", how="left")
@@ -185,7 +199,9 @@ def _parse_scp(value, ecg_id) -> dict:
     try:
         parsed = ast.literal_eval(str(value))
     except (ValueError, SyntaxError) as err:
-        raise ValueError(f"ptbxl_database.csv: ecg_id {ecg_id} has an unparsable scp_codes {value!r}") from err
+        raise ValueError(
+            f"ptbxl_database.csv: ecg_id {ecg_id} has an unparsable scp_codes {value!r}"
+        ) from err
     if not isinstance(parsed, dict):
         raise ValueError(f"ptbxl_database.csv: ecg_id {ecg_id} scp_codes is not a dict: {value!r}")
     return parsed
@@ -194,7 +210,9 @@ def _parse_scp(value, ecg_id) -> dict:
 def ptbxl_split(strat_fold) -> np.ndarray:
     """PTB-XL's recommended split: folds 1-8 train, 9 val, 10 test (folds 9-10 were human-validated)."""
     fold = pd.to_numeric(pd.Series(strat_fold), errors="coerce")
-    return np.select([fold <= 8, fold == 9, fold == 10], ["train", "val", "test"], default="train").astype(object)
+    return np.select([fold <= 8, fold == 9, fold == 10], ["train", "val", "test"], default="train").astype(
+        object
+    )
 
 
 def build_ptbxl_index(root, fs: int = 100, records: str | None = None, args=None) -> tuple:
@@ -267,13 +285,25 @@ def write_code_tables(index: pd.DataFrame, out: Path, hosp_dir: Path, note_dir: 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", choices=("mimic", "ptbxl"), required=True, help="MIMIC-IV-ECG layout or PTB-XL")
-    parser.add_argument("--root", type=Path, required=True, help="dataset folder (MIMIC: the one with record_list.csv)")
+    parser.add_argument(
+        "--source", choices=("mimic", "ptbxl"), required=True, help="MIMIC-IV-ECG layout or PTB-XL"
+    )
+    parser.add_argument(
+        "--root", type=Path, required=True, help="dataset folder (MIMIC: the one with record_list.csv)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder (created; other files kept)")
-    parser.add_argument("--fs", type=int, default=100, help="target rate; PTB-XL: <=100 reads records100, else records500")
-    parser.add_argument("--records", choices=("records100", "records500"), help="PTB-XL waveform folder (overrides --fs)")
-    parser.add_argument("--mimic-hosp", type=Path, help="MIMIC-IV hosp folder for linkage and codes (default ROOT/../hosp)")
-    parser.add_argument("--mimic-note", type=Path, help="MIMIC-IV-Note folder (default ROOT/../note when present)")
+    parser.add_argument(
+        "--fs", type=int, default=100, help="target rate; PTB-XL: <=100 reads records100, else records500"
+    )
+    parser.add_argument(
+        "--records", choices=("records100", "records500"), help="PTB-XL waveform folder (overrides --fs)"
+    )
+    parser.add_argument(
+        "--mimic-hosp", type=Path, help="MIMIC-IV hosp folder for linkage and codes (default ROOT/../hosp)"
+    )
+    parser.add_argument(
+        "--mimic-note", type=Path, help="MIMIC-IV-Note folder (default ROOT/../note when present)"
+    )
     parser.add_argument("--no-codes", action="store_true", help="skip code sequences and texts")
     parser.add_argument("--window-days", type=float, default=365, help="code/entity window around the ECG")
     parser.add_argument("--report-days", type=float, default=30, help="note window for the report text")
@@ -288,7 +318,11 @@ def run(args: argparse.Namespace) -> int:
     out, root = Path(args.out), Path(args.root)
     if not root.is_dir():
         raise FileNotFoundError(f"--root {root} is not a folder")
-    summary: dict = {"source": args.source, "root": str(root.resolve()), "created": datetime.now(timezone.utc).isoformat()}
+    summary: dict = {
+        "source": args.source,
+        "root": str(root.resolve()),
+        "created": datetime.now(UTC).isoformat(),
+    }
     if args.source == "mimic":
         hosp = args.mimic_hosp or (root.parent / "hosp" if (root.parent / "hosp").is_dir() else None)
         index, attrition, excluded = build_mimic_index(root, hosp, args)

@@ -38,7 +38,7 @@ class Measurement:
 
 # The most frequent numeric labs of MIMIC-IV hosp/labevents (d_labitems itemids), chosen to cover the
 # organ systems behind readmission and deterioration: kidney, electrolytes, blood count, coagulation,
-# liver, perfusion (lactate) and cardiac strain (troponin T, NT-proBNP).
+# liver and nutrition, perfusion (lactate) and cardiac strain (troponin T, NT-proBNP).
 LABS: tuple[Measurement, ...] = (
     Measurement("creatinine", (50912,), "mg/dL"),
     Measurement("urea_nitrogen", (51006,), "mg/dL"),
@@ -47,14 +47,14 @@ LABS: tuple[Measurement, ...] = (
     Measurement("chloride", (50902,), "mEq/L"),
     Measurement("bicarbonate", (50882,), "mEq/L"),
     Measurement("glucose", (50931,), "mg/dL"),
+    Measurement("calcium", (50893,), "mg/dL"),
     Measurement("magnesium", (50960,), "mg/dL"),
     Measurement("phosphate", (50970,), "mg/dL"),
     Measurement("hemoglobin", (51222,), "g/dL"),
     Measurement("wbc", (51301, 51300), "K/uL"),
     Measurement("platelets", (51265,), "K/uL"),
-    Measurement("rdw", (51277,), "%"),
     Measurement("inr", (51237,), "ratio"),
-    Measurement("ptt", (51275,), "sec"),
+    Measurement("albumin", (50862,), "g/dL"),
     Measurement("bilirubin_total", (50885,), "mg/dL"),
     Measurement("alt", (50861,), "IU/L"),
     Measurement("lactate", (50813,), "mmol/L"),

@@ -15,15 +15,19 @@ Label definitions and the feature windows are documented in ``data_recipes/mimic
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime
 import gzip
+import itertools
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import duckdb
@@ -129,6 +133,7 @@ def build_cohort(
     mimic_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     notes_dir: str | os.PathLike | None = None,
+    include_notes: bool = True,
     tasks: tuple[str, ...] = TASKS,
     memory_limit: str = "6GB",
     threads: int | None = None,
@@ -137,7 +142,7 @@ def build_cohort(
 ) -> dict:
     """Run the MIMIC-IV recipes on ``mimic_dir`` and write the cohort folder ``out_dir`` (atomically).
 
-    ``notes_dir`` defaults to ``mimic_dir/note`` when that exists. Features missing for more than
+    ``notes_dir`` defaults to ``mimic_dir/note`` when that exists; ``include_notes=False`` skips notes. Features missing for more than
     ``max_missing`` of the train rows (all tasks pooled) are dropped and listed in features.json.
     Raises :class:`CohortInputError` naming the file/column when an input is missing; nothing is written.
     Returns a summary dict (rows, positives and timings per task, feature count).
@@ -152,16 +157,18 @@ def build_cohort(
             raise CohortInputError(f"table {t.name} missing: expected {root / t.name}.csv.gz")
         if not t.required and paths[t.name] is None:
             say(f"notice: optional table {t.name} not found in {root}; its features are skipped")
-    notes_path = _notes_path(root, notes_dir)
+    notes_path = _notes_path(root, notes_dir) if include_notes else None
     include_vitals = paths["icu/chartevents"] is not None
     specs = catalogue.feature_specs(include_vitals)
     started = time.perf_counter()
+    n_threads = int(threads or os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.duckdb-", dir=_existing_parent(out)))
     con = duckdb.connect(str(work / "cohort.duckdb"), config={
-        "memory_limit": memory_limit, "threads": int(threads or os.cpu_count() or 1),
+        "memory_limit": memory_limit, "threads": n_threads,
         "temp_directory": str(work / "spill"), "preserve_insertion_order": False,
     })  # fmt: skip
     try:
+        con.execute("SET enable_progress_bar = false")  # our own tqdm bar reports the steps
         for t in INPUTS:
             register_input(con, t, paths[t.name], "src_" + t.name.split("/")[1])
         if notes_path is not None:
@@ -187,15 +194,19 @@ def build_cohort(
         with io.atomic_dir(out) as tmp:
             summary = _write_outputs(con, tmp, root, tasks, specs, max_missing, say)
             if notes_path is not None:
-                summary["notes"] = _write_notes(con, tmp / "notes.parquet")
-            else:
+                t0 = time.perf_counter()
+                summary["notes"] = _write_notes(con, tmp / "notes.parquet", n_threads)
+                timings["notes"] = round(time.perf_counter() - t0, 2)
+            elif include_notes:
                 say(
                     f"notice: no notes found (looked for {root / 'note' / 'discharge.csv.gz'}); notes.parquet skipped"
                 )
             order = {t: i for i, t in enumerate(("input", *tasks))}
             attrition = con.sql("SELECT * FROM attrition").df()
             attrition = attrition[attrition.task.isin(order)]
-            attrition = attrition.sort_values(["task", "seq"], key=lambda c: c.map(order) if c.name == "task" else c)
+            attrition = attrition.sort_values(
+                ["task", "seq"], key=lambda c: c.map(order) if c.name == "task" else c
+            )
             attrition = attrition.drop(columns="seq").reset_index(drop=True)
             io.write_csv(tmp / "attrition.csv", attrition)
             if (root / "truth.parquet").is_file():
@@ -300,8 +311,8 @@ def _write_outputs(con, tmp: Path, source: Path, tasks, specs, max_missing: floa
                "split": frame["split"].astype(str), "label": frame["label"].astype("int64")}  # fmt: skip
         for k in kept:
             if k.kind == "categorical":
-                codes = pd.Categorical(frame[k.name].astype(object), categories=categories[k.name][1:]).codes
-                out[k.name] = codes.astype("int64") + 1  # -1 (missing or unseen in train) -> 0 = unknown
+                codes = pd.Index(categories[k.name][1:]).get_indexer(frame[k.name].astype(object))
+                out[k.name] = codes.astype("int64") + 1  # -1 (missing, or unseen in train) -> 0 = unknown
             else:
                 out[k.name] = frame[k.name].to_numpy(dtype=np.float32, na_value=np.nan)
         io.write_parquet(tmp / f"{task}.parquet", pd.DataFrame(out))
@@ -324,12 +335,10 @@ def _write_outputs(con, tmp: Path, source: Path, tasks, specs, max_missing: floa
     return summary
 
 
-def _write_notes(con, path: Path) -> int:
-    """Discharge notes of usable admissions, one row per hadm_id (several notes joined by note_seq)."""
+def _write_notes(con, path: Path, workers: int) -> int:
+    """Discharge notes of usable admissions, one row per hadm_id (several notes joined in note_seq order)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from ehrclip_kit.data.notes import clean_note  # another module; imported only when notes exist
 
     con.execute("""INSERT INTO attrition
         SELECT 'input', 9, 'note/discharge', count(*), count(*) FILTER (WHERE bad), count(*) FILTER (WHERE NOT bad),
@@ -339,34 +348,50 @@ def _write_notes(con, path: Path) -> int:
             SELECT n.hadm_id IS NULL AS no_id, n.hadm_id IS NOT NULL AND a.hadm_id IS NULL AS unknown,
                 coalesce(n.note_type, 'DS') <> 'DS' AS not_ds
             FROM src_notes n LEFT JOIN adm a ON a.hadm_id = n.hadm_id))""")
-    reader = con.execute(
+    n_usable = con.sql("SELECT n_after FROM attrition WHERE step = 'note/discharge'").fetchall()[0][0]
+    reader = con.sql(
         "SELECT a.subject_id, n.hadm_id, n.text FROM src_notes n JOIN adm a ON a.hadm_id = n.hadm_id "
         "WHERE coalesce(n.note_type, 'DS') = 'DS' ORDER BY n.hadm_id, n.note_seq"
     ).to_arrow_reader(4096)
     schema = pa.schema([("subject_id", pa.int64()), ("hadm_id", pa.int64()), ("text", pa.string())])
-    pending: list = []  # rows of the hadm_id that may continue in the next batch
+    groups = _note_groups(reader)
     n = 0
-    with pq.ParquetWriter(path, schema) as writer:
-
-        def flush(group):
-            nonlocal n
-            text = clean_note("\n\n".join(t for _, _, t in group if t))
-            writer.write_table(
-                pa.table(
-                    {"subject_id": [group[0][0]], "hadm_id": [group[0][1]], "text": [text]}, schema=schema
-                )
-            )
-            n += 1
-
-        for batch in reader:
-            for row in zip(*(batch.column(i).to_pylist() for i in range(3)), strict=True):
-                if pending and pending[-1][1] != row[1]:
-                    flush(pending)
-                    pending = []
-                pending.append(row)
-        if pending:
-            flush(pending)
+    # Cleaning is pure Python (regexes per note): worth a process pool only for many notes.
+    with pq.ParquetWriter(path, schema) as writer, _note_cleaner(workers if n_usable > 5000 else 1) as clean:
+        while chunk := list(itertools.islice(groups, 4096)):
+            subject, hadm, raw = zip(*chunk, strict=True)
+            writer.write_table(pa.table([list(subject), list(hadm), clean(raw)], schema=schema))
+            n += len(chunk)
     return n
+
+
+def _note_groups(reader):
+    """(subject_id, hadm_id, raw text) per admission from batches of rows sorted by hadm_id, note_seq."""
+    current = None
+    for batch in reader:
+        cols = batch.to_pydict()
+        for subject, hadm, text in zip(cols["subject_id"], cols["hadm_id"], cols["text"], strict=True):
+            if current is not None and current[1] == hadm:
+                current[2].append(text)
+                continue
+            if current is not None:
+                yield current[0], current[1], "\n\n".join(t for t in current[2] if t)
+            current = (subject, hadm, [text])
+    if current is not None:
+        yield current[0], current[1], "\n\n".join(t for t in current[2] if t)
+
+
+@contextlib.contextmanager
+def _note_cleaner(workers: int):
+    """A function cleaning a sequence of notes with ``notes.clean_note`` defaults, in ``workers`` processes."""
+    from ehrclip_kit.data.notes import clean_note  # another module; imported only when notes exist
+
+    if workers <= 1:
+        yield lambda texts: [clean_note(t) for t in texts]
+        return
+    # spawn, not fork: forking a process that runs DuckDB threads can deadlock.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield lambda texts: list(pool.map(clean_note, texts, chunksize=64))
 
 
 def _report(attrition: pd.DataFrame, summary: dict, say) -> None:
@@ -391,6 +416,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--notes", default=None, help="folder with discharge.csv.gz (default: MIMIC/note when present)"
     )
+    parser.add_argument("--no-notes", action="store_true", help="do not write notes.parquet")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks to build")
     parser.add_argument(
         "--memory-limit", default="6GB", help="DuckDB memory limit (spills to disk beyond it)"
@@ -403,7 +429,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     try:
-        build_cohort(args.mimic, args.out, notes_dir=args.notes, tasks=tuple(args.tasks),
+        build_cohort(args.mimic, args.out, notes_dir=args.notes, include_notes=not args.no_notes, tasks=tuple(args.tasks),
                      memory_limit=args.memory_limit, threads=args.threads, max_missing=args.max_missing)  # fmt: skip
     except CohortInputError as err:
         print(f"ehrclip cohort: error: {err}", file=sys.stderr)

@@ -31,19 +31,28 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.csv as pacsv
 
 from ehrclip_kit.data import synthetic_catalog as cat
 from ehrclip_kit.data.synthetic_labs import write_labevents
+from ehrclip_kit.data.synthetic_notes import DISPOSITION as cat_disp
 from ehrclip_kit.data.synthetic_notes import render_notes
+from ehrclip_kit.data.synthetic_tables import (
+    _perm_ids,
+    admissions_table,
+    diagnoses_tables,
+    patients_table,
+    prescriptions_table,
+    procedures_tables,
+    transfers_tables,
+    ts,
+    write_table,
+)
 from ehrclip_kit.io import atomic_dir
 
 CHRONIC = ("heart_failure", "atrial_fibrillation", "myocardial_infarction", "hypertension", "conduction_disease",
@@ -54,7 +63,7 @@ SOCIAL = ("lives_alone", "housing_instability", "substance_use", "nonadherence")
 DAY, HOUR, MINUTE = 86400, 3600, 60
 # logit = intercept + sum_c w_c * cond_c * (0.4 + 1.2 * sev_c) + sum_s w_s * social_s + age_w * (age - 65) / 10
 READMISSION_MODEL = {
-    "intercept": -3.05, "age": 0.05,
+    "intercept": -3.4, "age": 0.05,
     "conditions": {"heart_failure": 1.0, "atrial_fibrillation": 0.2, "myocardial_infarction": 0.25,
                    "hypertension": 0.05, "conduction_disease": 0.1, "ckd": 0.85, "copd": 0.85, "diabetes": 0.45,
                    "cirrhosis": 1.2, "cancer": 1.0, "sepsis": 0.35, "pneumonia": 0.25, "acute_mi": 0.3},
@@ -124,20 +133,6 @@ def sample_acute(rng: np.random.Generator, age, cond: dict, social: dict) -> tup
     return c, {k: np.where(c[k], rng.beta(2.0, 2.0, n), 0.0) for k in ACUTE}
 
 
-def _perm_ids(n: int, offset: int, modulus: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` distinct, scrambled ids in [offset, offset + modulus): an affine permutation of 0..n-1."""
-    if n > modulus:
-        raise ValueError(f"cannot draw {n} distinct ids from a range of {modulus}")
-    a = int(rng.integers(modulus // 3, modulus))
-    while math.gcd(a, modulus) != 1:
-        a += 1
-    return offset + (a * np.arange(n, dtype=np.int64) + int(rng.integers(0, modulus))) % modulus
-
-
-def _pick(rng, options, n, p=None) -> np.ndarray:
-    return np.asarray(options, dtype=object)[rng.choice(len(options), size=n, p=p)]
-
-
 def _simulate(n_patients: int, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Patients and their admission timelines (latent state, outcomes, times in epoch seconds)."""
     n = n_patients
@@ -171,7 +166,8 @@ def _simulate(n_patients: int, rng: np.random.Generator) -> tuple[pd.DataFrame, 
         gap_days = np.where(readmit, 0.1 + 29.8 * rng.beta(0.9, 1.6, active.size),
                             31 + rng.gamma(1.1, 300, active.size))
         r["readmission_30d"] = np.where(alive, readmit.astype(float), np.nan)
-        active, t_next = active[more], ((r["dischtime"] + gap_days * DAY) // MINUTE * MINUTE)[more]
+        t_next = ((r["dischtime"] + gap_days * DAY) // MINUTE * MINUTE).astype(np.int64)
+        active, t_next = active[more], t_next[more]
         k += 1
     adm = pd.concat([pd.DataFrame(r) for r in rounds], ignore_index=True)
     adm = adm.sort_values(["pid", "admittime"], kind="stable").reset_index(drop=True)
@@ -246,8 +242,199 @@ def _admission_round(rng, pat: pd.DataFrame, idx: np.ndarray, admit: np.ndarray,
            "edregtime": edreg, "edouttime": edout, "icu_in": icu_in, "icu_out": icu_out, "early_icu": early_icu,
            "critical_event_time": event, "p_readmission_30d": p_readmit, "p_critical_24h": p_crit,
            "critical_24h": np.where(eligible, critical.astype(float), np.nan)}
+    for key in ("admittime", "dischtime", "deathtime", "edregtime", "edouttime", "icu_in", "icu_out",
+                "critical_event_time"):
+        out[key] = np.asarray(out[key]).astype(np.int64)
     for c in CONDITIONS:
         out[f"cond_{c}"], out[f"sev_{c}"] = cond[c].astype(np.int8), sev[c]
     for s in SOCIAL:
         out[f"social_{s}"] = social[s].astype(np.int8)
     return out
+
+
+def _note_state(adm: pd.DataFrame, pat: pd.DataFrame, text_signal: float, rng: np.random.Generator) -> pd.DataFrame:
+    """What each note asserts: the truth with probability ``text_signal`` per statement, else a fresh draw.
+
+    The fresh draw comes from the same prior given the admission's age and sex (both in the tables), so
+    at ``text_signal=0`` the note is independent of the latent state given the tables.
+    """
+    n = len(adm)
+    age, male = adm["age"].to_numpy(), adm["male"].to_numpy()
+    f_cond, f_sev, f_social = sample_latent(rng, age, male)
+    f_acute, f_acute_sev = sample_acute(rng, age, f_cond, f_social)
+    f_cond |= f_acute
+    f_sev |= f_acute_sev
+    out = {}
+    for c in CONDITIONS:
+        true = rng.random(n) < text_signal
+        out[f"note_cond_{c}"] = np.where(true, adm[f"cond_{c}"].to_numpy() == 1, f_cond[c])
+        out[f"note_sev_{c}"] = np.where(true, adm[f"sev_{c}"].to_numpy(), f_sev[c])
+        if c == "cancer":
+            out["cancer_site"] = np.where(true, adm["cancer_site"].to_numpy(), rng.integers(0, 5, n))
+    for s in SOCIAL:
+        true = rng.random(n) < text_signal
+        out[f"note_social_{s}"] = np.where(true, adm[f"social_{s}"].to_numpy() == 1, f_social[s])
+    return pd.DataFrame(out)
+
+
+def _faithful(values: list | np.ndarray, text_signal: float, rng: np.random.Generator) -> list:
+    """Each admission's own value with probability ``text_signal``, else a random admission's value.
+
+    Used for the note sections copied from the tables (disposition, drugs, procedures): at
+    ``text_signal=0`` they describe a random patient, so the note carries nothing patient-specific.
+    """
+    values = list(values)
+    donor = rng.integers(0, len(values), len(values))
+    keep = rng.random(len(values)) < text_signal
+    return [values[i] if k else values[d] for i, (k, d) in enumerate(zip(keep, donor, strict=True))]
+
+
+def _lists(index: np.ndarray, values: np.ndarray, n: int) -> list[list]:
+    """Group ``values`` by integer ``index`` (0..n-1) into n Python lists, keeping their order."""
+    order = np.argsort(index, kind="stable")
+    index, values = index[order], values[order]
+    bounds = np.searchsorted(index, np.arange(n + 1))
+    return [values[bounds[i] : bounds[i + 1]].tolist() for i in range(n)]
+
+
+def _notes_table(adm, pat, disch_loc, rx_pairs, px_rows, text_signal, seed, rng) -> pa.Table:
+    state = _note_state(adm, pat, text_signal, rng)
+    state["cancer_site"] = np.asarray(cat.CANCER_SITES, dtype=object)[state["cancer_site"].to_numpy()]
+    state["sex"] = np.where(adm["male"].to_numpy(), "M", "F")
+    state["age"] = adm["mimic_age"].to_numpy()
+    state["kind"] = adm["kind"].to_numpy()
+    state["service"] = np.where(adm["kind"].to_numpy() == 2, "SURGERY", "MEDICINE")
+    words = [cat_disp.get(x, "Home") if isinstance(x, str) else "Home" for x in disch_loc]
+    state["disposition"] = _faithful(words, text_signal, rng)
+    chronic_drugs = {k for c, drugs in cat.COND_DRUGS.items() if c not in ("general", "sepsis", "pneumonia")
+                     for k, _ in drugs if cat.DRUGS[k][12] not in ("IV", "IV DRIP")}
+    oral = rx_pairs[rx_pairs["key"].isin(sorted(chronic_drugs))]
+    state["meds"] = _faithful(_lists(oral["a"].to_numpy(), oral["key"].to_numpy(), len(adm)), text_signal, rng)
+    visible = px_rows[px_rows["name"].isin(["paracentesis", "thoracentesis", "cardiac_cath", "egd", "hemodialysis"])]
+    visible = visible.drop_duplicates().sort_values(["a", "name"])
+    procedures = _lists(visible["a"].to_numpy(), visible["name"].str.replace("_", " ").to_numpy(), len(adm))
+    state["procedures"] = _faithful(procedures, text_signal, rng)
+    texts = render_notes(state, seed)
+    note_seq = adm.groupby("pid").cumcount().to_numpy() * 2 + 10 + rng.integers(0, 2, len(adm))
+    subject = adm["subject_id"].to_numpy()
+    disch = adm["dischtime"].to_numpy()
+    return pa.table({
+        "note_id": np.char.add(np.char.add(subject.astype(str), "-DS-"), note_seq.astype(str)),
+        "subject_id": subject, "hadm_id": adm["hadm_id"].to_numpy(), "note_type": np.full(len(adm), "DS"),
+        "note_seq": note_seq, "charttime": ts(disch // DAY * DAY),
+        "storetime": ts(disch + (rng.uniform(2, 72, len(adm)) * HOUR).astype(np.int64) // MINUTE * MINUTE),
+        "text": pa.array(texts),
+    }), state
+
+
+def _truth(adm: pd.DataFrame, state: pd.DataFrame, text_signal: float, seed: int) -> pd.DataFrame:
+    truth = pd.DataFrame({
+        "subject_id": adm["subject_id"].to_numpy(), "hadm_id": adm["hadm_id"].to_numpy(),
+        "admittime": adm["admittime"].to_numpy().astype("datetime64[s]"),
+        "dischtime": adm["dischtime"].to_numpy().astype("datetime64[s]"), "age": adm["mimic_age"].to_numpy(),
+        "sex": np.where(adm["male"].to_numpy(), "M", "F"),
+    })
+    for c in CONDITIONS:
+        truth[f"cond_{c}"], truth[f"sev_{c}"] = adm[f"cond_{c}"].to_numpy().astype(np.int8), adm[f"sev_{c}"].to_numpy()
+    for s in SOCIAL:
+        truth[f"social_{s}"] = adm[f"social_{s}"].to_numpy().astype(np.int8)
+    truth["cancer_site"] = np.where(adm["cond_cancer"] == 1, np.asarray(cat.CANCER_SITES)[adm["cancer_site"]], None)
+    truth["p_readmission_30d"] = adm["p_readmission_30d"].to_numpy()
+    truth["p_critical_24h"] = adm["p_critical_24h"].to_numpy()
+    # The labels the cohort rules must reproduce from the tables (<NA> where the admission is not eligible).
+    truth["readmission_30d"] = pd.array(adm["readmission_30d"].to_numpy(), dtype="Float64").astype("Int8")
+    truth["critical_24h"] = pd.array(adm["critical_24h"].to_numpy(), dtype="Float64").astype("Int8")
+    for c in CONDITIONS:
+        truth[f"note_cond_{c}"] = state[f"note_cond_{c}"].to_numpy().astype(np.int8)
+    for s in SOCIAL:
+        truth[f"note_social_{s}"] = state[f"note_social_{s}"].to_numpy().astype(np.int8)
+    truth["text_signal"] = float(text_signal)
+    truth["world_seed"] = int(seed)
+    return truth
+
+
+def generate_world(out_dir, n_patients: int = 2000, seed: int = 0, text_signal: float = 0.8, ecg: bool = True,
+                   lab_density: float = 1.0, progress: bool = True) -> dict:
+    """Write a synthetic world to ``out_dir`` (replaced whole, atomically) and return summary counts.
+
+    Layout: ``hosp/*.csv.gz``, ``icu/icustays.csv.gz`` (MIMIC-IV v2.2), ``note/discharge.csv.gz``
+    (MIMIC-IV-Note), ``truth.parquet`` (latent state per admission), ``ecg/`` (MIMIC-IV-ECG) unless
+    ``ecg=False``. ``lab_density`` scales lab draws per admission (1.0 gives ~70 lab rows per admission).
+    """
+    t_start = time.perf_counter()
+    if n_patients < 1:
+        raise ValueError(f"n_patients must be at least 1, got {n_patients}")
+    if not 0.0 <= text_signal <= 1.0:
+        raise ValueError(f"text_signal must be in [0, 1], got {text_signal}")
+    if ecg and importlib.util.find_spec("ehrclip_kit.data.synthetic_ecg") is None:
+        raise RuntimeError("ECG generation needs ehrclip_kit.data.synthetic_ecg; pass ecg=False (--no-ecg)")
+    streams = [np.random.default_rng([seed, k]) for k in range(8)]
+    pat, adm = _simulate(n_patients, streams[0])
+    keep = ["pid", "subject_id", "male", "anchor_year", "anchor_age", "real_anchor", "cancer_site", "on_warfarin"]
+    adm = adm.merge(pat[keep], on="pid", how="left", validate="many_to_one")
+    adm["mimic_age"] = adm["anchor_age"] + (adm["admittime"].to_numpy().astype("datetime64[s]").astype(
+        "datetime64[Y]").astype(int) + 1970 - adm["anchor_year"])
+    adm["prev_dischtime"] = adm.groupby("pid")["dischtime"].shift(1).fillna(-10 * 365 * DAY).astype(np.int64)
+    out_dir = Path(out_dir)
+    counts = {}
+    with atomic_dir(out_dir) as tmp:
+        for sub in ("hosp", "icu", "note"):
+            (tmp / sub).mkdir()
+        hosp = tmp / "hosp"
+        counts["patients"] = write_table(hosp / "patients.csv.gz", patients_table(pat))
+        admissions, disch_loc = admissions_table(adm, pat, streams[1])
+        counts["admissions"] = write_table(hosp / "admissions.csv.gz", admissions)
+        dx, d_dx = diagnoses_tables(adm, streams[2])
+        counts["diagnoses_icd"] = write_table(hosp / "diagnoses_icd.csv.gz", dx)
+        write_table(hosp / "d_icd_diagnoses.csv.gz", d_dx)
+        px, d_px, px_rows = procedures_tables(adm, streams[3])
+        counts["procedures_icd"] = write_table(hosp / "procedures_icd.csv.gz", px)
+        write_table(hosp / "d_icd_procedures.csv.gz", d_px)
+        rx, rx_pairs = prescriptions_table(adm, streams[4])
+        counts["prescriptions"] = write_table(hosp / "prescriptions.csv.gz", rx)
+        transfers, icustays = transfers_tables(adm, streams[5])
+        counts["transfers"] = write_table(hosp / "transfers.csv.gz", transfers)
+        counts["icustays"] = write_table(tmp / "icu" / "icustays.csv.gz", icustays)
+        write_table(hosp / "d_labitems.csv.gz", pd.DataFrame(
+            [(v[0], v[1], v[2], v[3]) for v in cat.LAB_ITEMS.values()], columns=["itemid", "label", "fluid", "category"]
+        ).sort_values("itemid"))
+        counts["labevents"] = write_labevents(hosp / "labevents.csv.gz", adm, seed, lab_density, progress=progress)
+        notes, state = _notes_table(adm, pat, disch_loc, rx_pairs, px_rows, text_signal, seed, streams[6])
+        counts["discharge_notes"] = write_table(tmp / "note" / "discharge.csv.gz", notes, level=1)
+        truth = _truth(adm, state, text_signal, seed)
+        truth.to_parquet(tmp / "truth.parquet", index=False)
+        if ecg:
+            from ehrclip_kit.data.synthetic_ecg import write_ecg_world
+
+            adm_frame = admissions.select(["subject_id", "hadm_id", "admittime", "dischtime"]).to_pandas()
+            counts["ecgs"] = write_ecg_world(tmp, adm_frame, truth, seed=seed, progress=progress)["n_ecgs"]
+    return {
+        "out_dir": str(out_dir), "seed": seed, "text_signal": text_signal, "subjects": int(len(pat)), **counts,
+        "readmission_30d_rate": float(np.nanmean(adm["readmission_30d"])),
+        "critical_24h_rate": float(np.nanmean(adm["critical_24h"])),
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder to write (replaced whole)")
+    parser.add_argument("--patients", type=int, default=2000, help="number of patients (default 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--text-signal", type=float, default=0.8,
+                        help="0..1: how faithfully notes state the latent conditions (default 0.8)")
+    parser.add_argument("--lab-density", type=float, default=1.0, help="scale of lab draws per admission")
+    parser.add_argument("--no-ecg", action="store_true", help="skip the synthetic ECGs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = generate_world(args.out, n_patients=args.patients, seed=args.seed, text_signal=args.text_signal,
+                             ecg=not args.no_ecg, lab_density=args.lab_density, progress=not args.quiet)
+    print(f"synthetic world written to {summary['out_dir']} in {summary['seconds']} s")
+    for key in ("subjects", "admissions", "labevents", "prescriptions", "diagnoses_icd", "icustays",
+                "discharge_notes", "ecgs"):
+        if key in summary:
+            print(f"  {key:<16} {summary[key]:>10,}")
+    print(f"  readmission_30d rate {summary['readmission_30d_rate']:.1%} (label rule of the cohort recipe)")
+    print(f"  critical_24h rate    {summary['critical_24h_rate']:.1%}")
+    return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.signal import fftconvolve
+from scipy.spatial.transform import Rotation
 from tqdm.auto import tqdm
 
 from ehrclip_kit.io import atomic_dir
@@ -55,7 +56,9 @@ def _lead_matrix() -> np.ndarray:
     }
     # Precordial axes in the horizontal plane, from V6 (left) round to V1 (right of the sternum, front).
     angles = {"V1": 115, "V2": 90, "V3": 70, "V4": 50, "V5": 25, "V6": 0}
-    chest = {k: 1.2 * np.array([np.cos(np.radians(a)), 0.0, np.sin(np.radians(a))]) for k, a in angles.items()}
+    chest = {
+        k: 1.2 * np.array([np.cos(np.radians(a)), 0.0, np.sin(np.radians(a))]) for k, a in angles.items()
+    }
     return np.stack([{**limb, **chest}[name] for name in MIMIC_LEADS])
 
 
@@ -88,27 +91,17 @@ def _patient_traits(subject_ids: np.ndarray, seed: int) -> pd.DataFrame:
     rows = []
     for sid in subject_ids:
         g = np.random.default_rng([seed, int(sid), 7])
+        rot_z, rot_y = g.normal(0, np.radians(10), 2)
         rows.append(
-            (
-                sid,
-                g.normal(0, np.radians(10)),
-                g.normal(0, np.radians(10)),
-                g.uniform(0.8, 1.2),
-                g.normal(0, 6),
-                g.random() < 0.55,
-                g.random() < 0.5,
-            )
+            (sid, rot_z, rot_y, g.uniform(0.8, 1.2), g.normal(0, 6), g.random() < 0.55, g.random() < 0.5)
         )
-    return pd.DataFrame(rows, columns=["subject_id", "rot_z", "rot_y", "scale", "hr_offset", "lbbb", "inferior"])
+    names = ["subject_id", "rot_z", "rot_y", "scale", "hr_offset", "lbbb", "inferior"]
+    return pd.DataFrame(rows, columns=names)
 
 
 def _rotation(rot_z: np.ndarray, rot_y: np.ndarray) -> np.ndarray:
-    """n x 3 x 3 rotations about the front (z) then the vertical (y) axis."""
-    cz, sz, cy, sy = np.cos(rot_z), np.sin(rot_z), np.cos(rot_y), np.sin(rot_y)
-    one, zero = np.ones_like(cz), np.zeros_like(cz)
-    rz = np.stack([np.stack([cz, -sz, zero], -1), np.stack([sz, cz, zero], -1), np.stack([zero, zero, one], -1)], 1)
-    ry = np.stack([np.stack([cy, zero, sy], -1), np.stack([zero, one, zero], -1), np.stack([-sy, zero, cy], -1)], 1)
-    return ry @ rz
+    """n x 3 x 3 rotations about the front (z) axis, then the vertical (y) axis."""
+    return Rotation.from_euler("zy", np.stack([rot_z, rot_y], axis=1)).as_matrix()
 
 
 def _schedule(admissions: pd.DataFrame, rng: np.random.Generator, per_adm: tuple[int, int]) -> pd.DataFrame:
@@ -137,7 +130,9 @@ def _findings(ecg: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
     """Draw each ECG's findings from the admission's latent conditions."""
     n = len(ecg)
     u = rng.random((n, 6))
-    cond = {k: _col(ecg, f"cond_{k}") > 0 for k in ("atrial_fibrillation", "conduction_disease", "hypertension")}
+    cond = {
+        k: _col(ecg, f"cond_{k}") > 0 for k in ("atrial_fibrillation", "conduction_disease", "hypertension")
+    }
     cond |= {k: _col(ecg, f"cond_{k}") > 0 for k in ("heart_failure", "myocardial_infarction", "sepsis")}
     sev = {k: _col(ecg, f"sev_{k}") for k in cond}
     out = pd.DataFrame(index=ecg.index)
@@ -147,7 +142,8 @@ def _findings(ecg: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
     out["rbbb"] = bbb & ~ecg["lbbb"].to_numpy()
     out["avb1"] = cond["conduction_disease"] & (sev["conduction_disease"] > 0.7) & ~out["af"]
     lvh_drive = np.maximum(
-        np.where(cond["hypertension"], sev["hypertension"], 0), np.where(cond["heart_failure"], sev["heart_failure"], 0)
+        np.where(cond["hypertension"], sev["hypertension"], 0),
+        np.where(cond["heart_failure"], sev["heart_failure"], 0),
     )
     out["lvh"] = (lvh_drive > 0.35) & (u[:, 2] < 0.9) & ~out["lbbb"]
     out["lvh_strain"] = out["lvh"] & (lvh_drive > 0.75)
@@ -187,7 +183,8 @@ def _statements(f: pd.DataFrame) -> list[list[str]]:
         if row.bad_lead:
             rep.append(f"Lead(s) unsuitable for analysis: {row.bad_lead}")
         major = row.af or row.avb1 or row.lbbb or row.rbbb or row.lvh or row.mi_inferior or row.mi_anterior
-        rep.append("Abnormal ECG" if major else "Borderline ECG" if rep[0] != "Sinus rhythm" else "Normal ECG")
+        minor = rep[0] != "Sinus rhythm" or row.bad_lead  # a rate or quality remark only
+        rep.append("Abnormal ECG" if major else "Borderline ECG" if minor else "Normal ECG")
         reports.append(rep)
     return reports
 
@@ -235,13 +232,17 @@ def _rr_series(f: pd.DataFrame, rng: np.random.Generator, max_beats: int) -> np.
     """R-peak times (s) per ECG, n x max_beats, the first one within the first RR interval before 0."""
     n = len(f)
     mean_rr = 60.0 / f["heart_rate"].to_numpy()
-    jitter = np.where(f["af"].to_numpy()[:, None], rng.normal(0, 0.18, (n, max_beats)), rng.normal(0, 0.015, (n, max_beats)))
+    jitter = np.where(
+        f["af"].to_numpy()[:, None], rng.normal(0, 0.18, (n, max_beats)), rng.normal(0, 0.015, (n, max_beats))
+    )
     rr = np.clip(mean_rr[:, None] * np.exp(jitter), 0.28, 2.0)
     start = -rng.uniform(0, 1, n) * mean_rr
     return start[:, None] + np.cumsum(rr, axis=1) - rr[:, :1]
 
 
-def _synthesise(amp, ctr, wid, dirs, r_times, f: pd.DataFrame, rng: np.random.Generator, fs: int) -> np.ndarray:
+def _synthesise(
+    amp, ctr, wid, dirs, r_times, f: pd.DataFrame, rng: np.random.Generator, fs: int
+) -> np.ndarray:
     """Signals in mV, shape (batch, 12, n_samples), float32."""
     b = len(amp)
     n_samp = int(round(DURATION_S * fs))
@@ -320,7 +321,9 @@ def _measurements(f: pd.DataFrame, amp, dirs, r_times, rng: np.random.Generator)
     )
 
 
-def _header(name: str, fs: int, n_samp: int, when: pd.Timestamp, init: np.ndarray, checksum: np.ndarray) -> str:
+def _header(
+    name: str, fs: int, n_samp: int, when: pd.Timestamp, init: np.ndarray, checksum: np.ndarray
+) -> str:
     """A WFDB header identical to what ``wfdb.wrsamp`` writes for format 16, gain 200/mV."""
     lines = [f"{name} 12 {fs} {n_samp} {when:%H:%M:%S} {when:%d/%m/%Y}"]
     lines += [
@@ -352,6 +355,8 @@ def write_ecg_world(
     need = {"subject_id", "hadm_id", "admittime", "dischtime"}
     if missing := need - set(admissions.columns):
         raise ValueError(f"admissions is missing columns {sorted(missing)}")
+    if admissions.empty:
+        raise ValueError("admissions is empty: there is no admission to write ECGs for")
     if "hadm_id" not in truth.columns:
         raise ValueError("truth needs a hadm_id column")
     adm = admissions[sorted(need)].copy()
@@ -366,6 +371,7 @@ def write_ecg_world(
     study_ids = 40_000_000 + np.sort(rng.choice(10_000_000, size=n, replace=False))
     ecg["study_id"] = rng.permutation(study_ids)
     found = _findings(ecg, rng)
+    # Enough beats to fill 10 s at the fastest rate, with margin for AF runs of short RR intervals.
     max_beats = int(np.ceil((DURATION_S + 1.5) * found["heart_rate"].max() / 60 / 0.7)) + 2
     r_times = _rr_series(found, rng, max_beats)
     amp, ctr, wid, dirs = _components(found, ecg, 60.0 / found["heart_rate"].to_numpy())
@@ -382,7 +388,9 @@ def write_ecg_world(
             sig *= ADC_GAIN
             digital = np.clip(np.rint(sig, out=sig), -32767, 32767, out=sig).astype("<i2")
             checksums = digital.sum(axis=2, dtype=np.int64) % 65536
-            for i, (path, when) in enumerate(zip(ecg["path"].iloc[sl], ecg["ecg_time"].iloc[sl], strict=True)):
+            for i, (path, when) in enumerate(
+                zip(ecg["path"].iloc[sl], ecg["ecg_time"].iloc[sl], strict=True)
+            ):
                 target = tmp / path
                 target.parent.mkdir(parents=True, exist_ok=True)
                 np.ascontiguousarray(digital[i].T).tofile(target.with_suffix(".dat"))
@@ -390,7 +398,12 @@ def write_ecg_world(
                 target.with_suffix(".hea").write_text(header)
         times = ecg["ecg_time"].dt.strftime("%Y-%m-%d %H:%M:%S")
         record_list = pd.DataFrame(
-            {"subject_id": ecg["subject_id"], "study_id": ecg["study_id"], "file_name": sid, "ecg_time": times}
+            {
+                "subject_id": ecg["subject_id"],
+                "study_id": ecg["study_id"],
+                "file_name": sid,
+                "ecg_time": times,
+            }
         )
         record_list["path"] = ecg["path"]
         record_list.to_csv(tmp / "record_list.csv", index=False)

@@ -31,9 +31,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import BertConfig, BertModel
 
-# Special ids every code vocabulary must reserve (the vocabulary builder in data/ follows this layout).
-PAD_ID, CLS_ID, MASK_ID, UNK_ID = 0, 1, 2, 3
-N_SPECIAL = 4
+# Special ids of ehrclip_kit.data.codes.CodeVocab ([PAD], [UNK], [CLS], [SEP], [MASK]); a test keeps the two
+# in step. Not imported from there so that the encoder does not pull in the data layer (duckdb).
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
+N_SPECIAL = 5
 
 
 @dataclass
@@ -75,6 +76,12 @@ class CodesEncoderConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def for_vocab(cls, vocab, **overrides) -> CodesEncoderConfig:
+        """Config sized for a fitted :class:`ehrclip_kit.data.codes.CodeVocab` (size and special ids)."""
+        ids = {"pad_id": vocab.pad_id, "cls_id": vocab.cls_id, "mask_id": vocab.mask_id}
+        return cls(vocab_size=len(vocab), n_special=max(ids.values()) + 1, **{**ids, **overrides})
+
     def bert_config(self) -> BertConfig:
         return BertConfig(
             vocab_size=self.vocab_size,
@@ -110,6 +117,24 @@ def bucket_day_deltas(days: np.ndarray | Sequence[float], n_buckets: int = 32) -
     return np.where(d >= 0, 1 + mag, 1 + half + mag)
 
 
+def encode_code_sequence(
+    tokens: Sequence[str], deltas_days: Sequence[float], vocab, n_time_buckets: int = 32
+) -> tuple[list[int], list[int], list[int]]:
+    """One row of :func:`ehrclip_kit.data.codes.code_sequences` as the ``(ids, types, time_buckets)`` triple
+    that :func:`collate_codes` batches (no [CLS]/[SEP]: the collate adds [CLS]; unknown codes -> [UNK]).
+
+    >>> from types import SimpleNamespace
+    >>> vocab = SimpleNamespace(encode=lambda t, add_special: [7] * len(t), token_type=lambda t: 1)
+    >>> encode_code_sequence(["DX10:I48", "RX:digoxin"], [-30.0, 2.0], vocab)
+    ([7, 7], [1, 1], [20, 2])
+    """
+    if len(tokens) != len(deltas_days):
+        raise ValueError(f"encode_code_sequence: {len(tokens)} tokens but {len(deltas_days)} day offsets")
+    ids = vocab.encode(list(tokens), add_special=False)
+    types = [vocab.token_type(t) for t in tokens]
+    return ids, types, bucket_day_deltas(deltas_days, n_time_buckets).tolist()
+
+
 def collate_codes(
     items: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
     max_len: int = 256,
@@ -125,7 +150,7 @@ def collate_codes(
 
     >>> b = collate_codes([([7, 8], [1, 2], [2, 1]), ([9], [3], [4])], max_len=4)
     >>> b["input_ids"].tolist(), b["attention_mask"].tolist()
-    ([[1, 7, 8], [1, 9, 0]], [[1, 1, 1], [1, 1, 0]])
+    ([[2, 7, 8], [2, 9, 0]], [[1, 1, 1], [1, 1, 0]])
     """
     if keep not in ("last", "first"):
         raise ValueError(f"collate_codes: keep must be 'last' or 'first', got {keep!r}")
