@@ -64,11 +64,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-paper", action="store_true", help="measure only ours and the cache mode")
+    p.add_argument(
+        "--chunk-batch", type=int, help="ours: chunks per model call (default: 64 on GPU, 1 on CPU)"
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; --quick: 1)")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.frozen, args.batch, args.steps, args.warmup = 2, 1, 8, 2, 1
         args.median_tokens, args.notes = 300, 16
+        # Several OpenMP threads thrash on a busy shared machine (a 30x slowdown on small ops measured here).
+        args.threads = 1 if args.threads is None else args.threads
     if not 0 <= args.frozen <= args.layers:
         p.error(f"--frozen must be in [0, --layers={args.layers}]")
     return args
@@ -155,29 +161,45 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[int], None], args, device) -> tuple[float, float]:
-    """Seconds per step (median of timed steps) and peak GPU memory in GiB (0 on CPU)."""
-    for i in range(args.warmup):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(args.steps):
-        sync(device)
-        start = time.perf_counter()
-        step(args.warmup + i)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    return float(np.median(times)), peak
+def measure(steps: dict[str, Callable[[int], None]], n_steps: int, warmup: int, device) -> dict[str, dict]:
+    """Run the methods' steps *interleaved* (a, b, a, b, ...) so that a busy machine slows them alike.
+
+    Returns per method the median wall seconds and process CPU seconds per step and the peak GPU memory.
+    """
+    for i in range(warmup):
+        for step in steps.values():
+            step(i)
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    peak = dict.fromkeys(steps, 0.0)
+    for i in range(n_steps):
+        for name, step in steps.items():
+            sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            step(warmup + i)
+            sync(device)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+            if device.type == "cuda":
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device) / 2**30)
+    return {
+        name: {
+            "wall_s": float(np.median(wall[name])),
+            "cpu_s": float(np.median(cpu[name])),
+            "peak_gib": peak[name],
+        }
+        for name in steps
+    }
 
 
 def train_step_fn(model, batches, device, amp: bool) -> Callable[[int], None]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    model.train()
 
     def step(i: int) -> None:
+        model.train()  # the methods share the Longformer; each sets its own train/eval split
         batch = batches[i % len(batches)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = model(batch)["loss"]
@@ -191,10 +213,15 @@ def train_step_fn(model, batches, device, amp: bool) -> Callable[[int], None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
     amp = device.type == "cuda"
+    # On a CPU large chunk batches are memory-bound (measured: ~1.4x the CPU time per chunk at 14 chunks
+    # than at 1); on a GPU they are what keeps it busy.
+    args.chunk_batch = args.chunk_batch or (64 if amp else 1)
     rng = np.random.default_rng(args.seed)
     n_batches = args.warmup + args.steps
     notes = [make_notes(args.batch, args, rng) for _ in range(n_batches)]
@@ -205,33 +232,38 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}, threads={torch.get_num_threads()}")  # fmt: skip
     print(f"Longformer: {args.layers} layers ({args.frozen} frozen), hidden {args.hidden}, window {args.window}; "
           f"batch {args.batch} notes, {n_chunks:.1f} chunks/note of <= {args.max_tokens} tokens; "
-          f"{args.steps} timed steps after {args.warmup} warm-up")  # fmt: skip
+          f"{args.steps} timed steps after {args.warmup} warm-up; ours: {args.chunk_batch} chunks per call")  # fmt: skip
     longformer = build_longformer(args).to(device)
     d_text = args.hidden
     results: dict[str, float] = {}
 
+    ours_text = TextEncoder(
+        longformer, freeze_layers=args.frozen, max_tokens=args.max_tokens, chunk_batch=args.chunk_batch
+    )
+    ours = build_contrastive(ours_text, d_text, device, args.seed)
+    steps = {}
     if not args.skip_paper:
+        # Same Longformer weights and the same frozen layers; only how the text side is run differs.
         paper = build_contrastive(OneNoteAtATime(longformer, args.frozen), d_text, device, args.seed)
-        batches = [
+        paper_batches = [
             {"ehr": e, "text": paper_inputs(n, args.max_tokens, device)}
             for e, n in zip(ehr, notes, strict=True)
         ]
-        sec, peak = time_steps(train_step_fn(paper, batches, device, amp=False), args, device)
-        results |= {"paper_pairs_per_s": args.batch / sec, "paper_peak_gib": peak}
-        print(
-            f"paper  (one note at a time, fp32)       {args.batch / sec:9.2f} pairs/s   peak {peak:6.2f} GiB"
-        )
-        del paper, batches
-
-    ours_text = TextEncoder(longformer, freeze_layers=args.frozen, max_tokens=args.max_tokens)
-    ours = build_contrastive(ours_text, d_text, device, args.seed)
+        steps["paper"] = train_step_fn(paper, paper_batches, device, amp=False)
     batches = [{"ehr": e, "text": collate_notes(n, pad_id=1)} for e, n in zip(ehr, notes, strict=True)]
-    sec, peak = time_steps(train_step_fn(ours, batches, device, amp=amp), args, device)
-    ours_rate = args.batch / sec
-    results |= {"ours_pairs_per_s": ours_rate, "ours_peak_gib": peak}
-    label = "ours   (all chunks batched, bf16)" if amp else "ours   (all chunks batched, fp32 on CPU)"
-    print(f"{label:<40}{ours_rate:9.2f} pairs/s   peak {peak:6.2f} GiB")
-    del ours, batches
+    steps["ours"] = train_step_fn(ours, batches, device, amp=amp)
+    timing = measure(steps, args.steps, args.warmup, device)
+    labels = {
+        "paper": "paper  (one note at a time, fp32)",
+        "ours": "ours   (all chunks batched, " + ("bf16)" if amp else "fp32 on CPU)"),
+    }
+    for name, t in timing.items():
+        results |= {f"{name}_pairs_per_s": args.batch / t["wall_s"], f"{name}_pairs_per_cpu_s": args.batch / t["cpu_s"],
+                    f"{name}_peak_gib": t["peak_gib"]}  # fmt: skip
+        print(f"{labels[name]:<42}{args.batch / t['wall_s']:9.2f} pairs/s  {args.batch / t['cpu_s']:9.2f} "
+              f"pairs/CPU-s  peak {t['peak_gib']:6.2f} GiB")  # fmt: skip
+    ours_rate = results["ours_pairs_per_s"]
+    steps.clear()
 
     # Cache mode: embed notes once (inference), then train EHR tower + heads on the cached vectors.
     cache_notes = make_notes(args.notes, args, rng)
@@ -247,14 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     for e in ehr:
         rows = torch.as_tensor(rng.integers(0, args.notes, size=args.batch), device=device)
         cache_batches.append({"ehr": e, "text": vectors[rows]})
-    cache_args = argparse.Namespace(
-        **{**vars(args), "steps": max(args.steps, 10), "warmup": max(args.warmup, 2)}
+    cache_step = {"cache": train_step_fn(cache_model, cache_batches, device, amp=amp)}
+    cache_rate = (
+        args.batch / measure(cache_step, max(args.steps, 10), max(args.warmup, 2), device)["cache"]["wall_s"]
     )
-    sec, _ = time_steps(train_step_fn(cache_model, cache_batches, device, amp=amp), cache_args, device)
-    cache_rate = args.batch / sec
     results |= {"cache_embed_notes_per_s": embed_rate, "cache_train_pairs_per_s": cache_rate}
-    print(f"cache  embedding once (inference)       {embed_rate:9.2f} notes/s")
-    print(f"cache  training on cached vectors       {cache_rate:9.2f} pairs/s")
+    print(f"{'cache  embedding once (inference)':<42}{embed_rate:9.2f} notes/s")
+    print(f"{'cache  training on cached vectors':<42}{cache_rate:9.2f} pairs/s")
 
     # Epoch times per pair (seconds): end-to-end with ours vs cache (embed once + train on vectors).
     e2e, embed, train = 1 / ours_rate, 1 / embed_rate, 1 / cache_rate

@@ -74,7 +74,9 @@ class XGBoostConfig:
 class XGBoostBaseline:
     """A fitted XGBoost classifier plus the column layout it expects."""
 
-    def __init__(self, model, numeric: list[str], categorical: list[tuple[str, int]], native_categorical: bool):
+    def __init__(
+        self, model, numeric: list[str], categorical: list[tuple[str, int]], native_categorical: bool
+    ):
         self.model, self.numeric, self.categorical = model, numeric, categorical
         self.native_categorical = native_categorical
         self.n_train = 0  # rows actually used for fitting (after label-fraction subsampling)

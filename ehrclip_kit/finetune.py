@@ -30,7 +30,11 @@ from ehrclip_kit.masked_pretraining import resolve_device
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tuning settings; defaults follow the paper (15 epochs, lr 5e-4, frozen embedding + splitter)."""
+    """Fine-tuning settings; defaults follow the paper (15 epochs, lr 5e-4, frozen embedding + splitter).
+
+    ``pos_weight="auto"`` up-weights positives to balance the classes, which helps ranking (AUROC) under
+    imbalance but inflates predicted risks: use ``pos_weight=None`` when calibration / Brier score matter.
+    """
 
     epochs: int = 15
     lr: float = 5e-4
@@ -60,7 +64,10 @@ class EhrClassifier(nn.Module):
         self.encoder = encoder
         if head_hidden > 0:
             self.head = nn.Sequential(
-                nn.Linear(encoder.out_dim, head_hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(head_hidden, 1)
+                nn.Linear(encoder.out_dim, head_hidden),
+                nn.ReLU(),
+                nn.Dropout(dropout),
+                nn.Linear(head_hidden, 1),
             )
         else:
             self.head = nn.Linear(encoder.out_dim, 1)
@@ -115,7 +122,11 @@ def load_encoder_state(
             f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all), unexpected {unexpected[:10]}"
             f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} in all)"
         )
-    bad = [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in full.items() if v.shape != target[k].shape]
+    bad = [
+        f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}"
+        for k, v in full.items()
+        if v.shape != target[k].shape
+    ]
     if bad:
         raise ValueError(f"{where}: shape mismatch for " + "; ".join(bad[:10]))
     encoder.load_state_dict(full, strict=True)
@@ -216,7 +227,9 @@ def finetune(
     with torch.random.fork_rng(devices=devices):  # head init and dropout draw from the seeded global RNG
         torch.manual_seed(config.seed)
         model = EhrClassifier(copy.deepcopy(encoder), config.head_hidden, config.dropout).to(device)
-        model.frozen_parameters = ["encoder." + n for n in freeze_by_prefix(model.encoder, config.freeze_prefixes)]
+        model.frozen_parameters = [
+            "encoder." + n for n in freeze_by_prefix(model.encoder, config.freeze_prefixes)
+        ]
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         order_rng = np.random.default_rng(config.seed)
@@ -246,7 +259,12 @@ def finetune(
             val_auc = _auroc(y_val, _predict_x(model, x_val, device), "validation")
             improved = val_auc > best_auc
             history.append(
-                {"epoch": epoch, "train_loss": total / max(len(y_train), 1), "val_auroc": val_auc, "best": improved}
+                {
+                    "epoch": epoch,
+                    "train_loss": total / max(len(y_train), 1),
+                    "val_auroc": val_auc,
+                    "best": improved,
+                }
             )
             bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_auroc=f"{val_auc:.3f}")
             if improved:

@@ -148,9 +148,13 @@ def transfer_pretrained_weights(source: Any, encoder: TabNetEhrEncoder) -> Trans
         else:
             mapped[target_name] = tensor
             report.mapping[target_name] = name
-    problems += [f"encoder tensor {name!r} received no pretrained weight" for name in target if name not in mapped]
+    problems += [
+        f"encoder tensor {name!r} received no pretrained weight" for name in target if name not in mapped
+    ]
     if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        shown = "\n  ".join(problems[:20]) + (
+            f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        )
         raise ValueError(f"pretrained weights do not fit the encoder ({len(problems)} problems):\n  {shown}")
     # strict=True: a second line of defence should the name map above ever miss something.
     encoder.load_state_dict({k: v.detach().clone() for k, v in mapped.items()}, strict=True)
@@ -186,7 +190,9 @@ def _masked_outputs(network, x: np.ndarray, seed: int, device, batch_size: int =
     return tuple(torch.cat([o[i] for o in outs]).cpu() for i in range(3))
 
 
-def masked_reconstruction_loss(network: TabNetPretraining, x: np.ndarray, seed: int = 0, device=None) -> float:
+def masked_reconstruction_loss(
+    network: TabNetPretraining, x: np.ndarray, seed: int = 0, device=None
+) -> float:
     """pytorch-tabnet's ``UnsupervisedLoss`` over all of ``x`` with a fixed, seeded mask (lower is better)."""
     device = device or next(network.parameters()).device
     res, embedded, obf_vars = _masked_outputs(network, x, seed, device)
@@ -194,7 +200,11 @@ def masked_reconstruction_loss(network: TabNetPretraining, x: np.ndarray, seed: 
 
 
 def reconstruction_error_per_feature(
-    network: TabNetPretraining, preprocessor: TabularPreprocessor, frame: pd.DataFrame, seed: int = 0, repeats: int = 5
+    network: TabNetPretraining,
+    preprocessor: TabularPreprocessor,
+    frame: pd.DataFrame,
+    seed: int = 0,
+    repeats: int = 5,
 ) -> pd.DataFrame:
     """Normalised reconstruction error of each input column when it is hidden.
 
@@ -208,7 +218,9 @@ def reconstruction_error_per_feature(
     sq_err = np.zeros(preprocessor.n_inputs)
     count = np.zeros(preprocessor.n_inputs)
     for r in range(repeats):
-        res, embedded, obf = (t.numpy().astype(np.float64) for t in _masked_outputs(network, x, seed + r, device))
+        res, embedded, obf = (
+            t.numpy().astype(np.float64) for t in _masked_outputs(network, x, seed + r, device)
+        )
         var = embedded.var(axis=0)
         var[var == 0] = 1.0
         per_dim = ((res - embedded) ** 2 * obf).sum(axis=0) / var

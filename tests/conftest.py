@@ -81,4 +81,3 @@ def splits(tiny_cohort):
     out = {s: frame[frame["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
     out["spec"] = spec
     return out
-

@@ -6,13 +6,14 @@ the label definitions (data_recipes/mimic_iv/README.md), then runs the real reci
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 
 import pandas as pd
 import pytest
 
-from ehrclip_kit.data.recipes import CohortInputError, build_cohort, run
+from ehrclip_kit.data.recipes import CohortInputError, add_arguments, build_cohort, run
 from ehrclip_kit.data.splits import assign_splits
 
 T = pd.Timestamp
@@ -71,10 +72,12 @@ def test_readmission_labels_on_the_boundaries(tmp_path):
         adm(5, 501, "2150-01-01 08:00", d),  # readmitted into a stay that ends in death: still 1
         adm(5, 502, "2150-01-20", "2150-01-25", death="2150-01-25", expired=1),
         adm(6, 601, "2150-01-01 08:00", None),  # no dischtime: not an index admission
+        adm(7, 701, "2150-01-01 08:00", d),
+        adm(7, 702, d + pd.Timedelta(days=30, minutes=1), "2150-02-10"),  # a minute past day 30: 0
     ]  # fmt: skip
     out = tmp_path / "out"
     build_cohort(make_world(tmp_path / "w", {"hosp/admissions": admissions}), out, verbose=False)
-    expected = {101: 1, 102: 0, 201: 0, 202: 0, 301: 0, 302: 0, 401: 1, 402: 0, 501: 1}
+    expected = {101: 1, 102: 0, 201: 0, 202: 0, 301: 0, 302: 0, 401: 1, 402: 0, 501: 1, 701: 0, 702: 0}
     assert labels(out, "readmission_30d") == expected
     steps = attrition(out)
     assert steps[("readmission_30d", "in_hospital_death")] == 1
@@ -193,8 +196,11 @@ def test_missing_input_names_it_and_writes_nothing(tmp_path, broken, capsys):
     # Through the CLI entry point: exit code 2, the message on stderr, an existing OUT left untouched.
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    args = type("Args", (), dict(mimic=str(world), out=str(out), notes=None, tasks=["readmission_30d"],
-                                 memory_limit="1GB", threads=1, max_missing=0.99))  # fmt: skip
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--mimic", str(world), "--out", str(out), "--tasks", "readmission_30d", "--threads", "1"]
+    )
     assert run(args) == 2
     assert expected in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
@@ -322,3 +328,14 @@ def test_gzip_header_only_tables_and_task_subset(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["attrition.csv", "critical_24h.parquet", "features.json"]
     assert summary["tasks"]["critical_24h"]["rows"] == 1
     assert set(pd.read_csv(out / "attrition.csv").task) == {"input", "critical_24h"}
+
+
+def test_unreadable_value_names_file_line_and_column(tmp_path):
+    labs = [dict(subject_id=1, hadm_id="abc", itemid=50912, charttime="2150-01-02", valuenum=1.0)]
+    world = make_world(tmp_path / "w", {"hosp/admissions": _simple_admissions([1]), "hosp/labevents": labs})
+    with pytest.raises(CohortInputError) as err:
+        build_cohort(world, tmp_path / "out", verbose=False)
+    message = str(err.value)
+    assert 'column "hadm_id"' in message and "Line: 2" in message
+    assert f"file = {world / 'hosp' / 'labevents.csv.gz'}" in message
+    assert not (tmp_path / "out").exists()

@@ -18,6 +18,7 @@ from ehrclip_kit.data.ecg import (
     CANONICAL_LEADS,
     ECGConfig,
     ECGDataset,
+    _read_format16,
     bandpass,
     center_crop,
     random_crop,
@@ -279,6 +280,33 @@ def test_reordering_puts_each_lead_where_the_header_says(world):
             np.testing.assert_array_equal(canonical[k], raw[lowered.index(lead.lower())])
     assert lowered.index("avf") < lowered.index("avl")  # MIMIC layout: aVF stored before aVL
     assert [n.upper() for n in read_record(PTB / "records100/00000/00001_lr")[2]][4:6] == ["AVL", "AVF"]
+
+
+@needs_ptb
+def test_fast_format16_reader_returns_exactly_what_wfdb_returns(world, tmp_path):
+    out, _, truth, _ = world
+    (tmp_path / "gap.hea").write_text(
+        (PTB / "records100/00000/00009_lr.hea").read_text().replace("00009_lr", "gap")
+    )
+    d = np.fromfile(PTB / "records100/00000/00009_lr.dat", "<i2").reshape(-1, 12)
+    d[100:103, 2] = -32768  # format 16's missing-sample value
+    d.tofile(tmp_path / "gap.dat")
+    paths = [
+        PTB / f"records{r}/00000/{i:05d}_{s}" for r, s in (("100", "lr"), ("500", "hr")) for i in (1, 33, 77)
+    ]
+    paths += [out / "ecg" / p for p in truth["path"].iloc[:3]] + [tmp_path / "gap"]
+    for path in paths:
+        assert _read_format16(str(path)) is not None
+        x, fs, names = read_record(path)
+        ref = wfdb.rdrecord(str(path))
+        np.testing.assert_array_equal(x, ref.p_signal.T.astype(np.float32))  # NaN in the same places
+        assert fs == ref.fs and names == ref.sig_name
+    assert np.isnan(x[2, 100:103]).all() and not np.isnan(x[2, 103:]).any()
+    # Anything unusual (here a byte offset in the format field) goes through wfdb.rdrecord instead.
+    header = (tmp_path / "gap.hea").read_text().replace(".dat 16 ", ".dat 16+0 ")
+    (tmp_path / "gap.hea").write_text(header)
+    assert _read_format16(str(tmp_path / "gap")) is None
+    np.testing.assert_array_equal(read_record(tmp_path / "gap")[0], x)
 
 
 def test_validate_and_crops():

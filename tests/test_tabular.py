@@ -84,7 +84,9 @@ def test_missing_indicators_only_for_features_missing_in_train(tiny_cohort):
     test["lab_d"] = np.nan
     xt = pre.transform(test)
     stats = next(n for n in pre.numeric if n["name"] == "lab_d")
-    np.testing.assert_allclose(xt[:, pre.columns.index("lab_d")], (stats["median"] - stats["mean"]) / stats["std"])
+    np.testing.assert_allclose(
+        xt[:, pre.columns.index("lab_d")], (stats["median"] - stats["mean"]) / stats["std"]
+    )
     assert TabularPreprocessor(missing_indicators=False).fit(frame, spec).n_inputs == pre.n_inputs - 5
 
 
@@ -166,7 +168,10 @@ def test_forward_masks_and_importance_sum_back_to_columns(tiny_cohort):
     np.testing.assert_allclose(per_column.sum(1), m_explain.sum(1).detach().numpy(), rtol=1e-5)
     # The group matrices follow .to(): they are (non-persistent) buffers, not plain attributes.
     buffers = dict(enc.named_buffers())
-    assert "encoder.group_attention_matrix" in buffers and "encoder.group_attention_matrix" not in enc.state_dict()
+    assert (
+        "encoder.group_attention_matrix" in buffers
+        and "encoder.group_attention_matrix" not in enc.state_dict()
+    )
 
 
 # ------------------------------------------------------------------------------------ masked pretraining
@@ -219,7 +224,7 @@ def test_every_encoder_tensor_is_transferred(pretrained):
     assert set(after) == {k for k in source if not k.startswith("decoder.")}
 
 
-@pytest.mark.parametrize("change", [{"n_steps": 3}, {"n_d": 16}, {"cat_emb_dim": 2}])
+@pytest.mark.parametrize("change", [{"n_steps": 3}, {"n_d": 24}, {"n_a": 8}, {"cat_emb_dim": 2}])
 def test_mismatched_encoder_raises(pretrained, change):
     pre, *_, result, _ = pretrained
     other = TabNetConfig(**{**SMALL.to_dict(), **change})

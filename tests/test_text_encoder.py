@@ -162,6 +162,8 @@ def test_longformer_global_attention_and_window_padding():
     ours = encoder(collate_notes(notes, pad_id=1))
     assert shapes[-1][1] % 8 == 0 and shapes[-1][1] == 16  # 15 tokens padded to the window multiple
     torch.testing.assert_close(ours, naive_note_vectors(model, notes, longformer=True), atol=1e-5, rtol=1e-4)
+    one_by_one = TextEncoder(model, freeze_layers=2, chunk_batch=1).eval()(collate_notes(notes, pad_id=1))
+    torch.testing.assert_close(one_by_one, ours, atol=1e-5, rtol=1e-4)
     # Without global attention on the first token the vectors differ: the encoder really passes it.
     local_only = naive_note_vectors(model, notes, longformer=False)
     assert (ours - local_only).abs().max() > 1e-3
@@ -259,3 +261,19 @@ def test_texts_digest_is_order_and_boundary_sensitive():
     digest = text_cache.texts_digest
     assert digest(["ab", "c"]) != digest(["a", "bc"]) != digest(["bc", "a"])
     assert digest(["x", ""]) != digest(["x"]) and digest(["é"]) == digest(["é"])
+
+
+def test_chunk_groups_give_the_same_vectors_and_gradients():
+    bert = tiny_bert()
+    notes = random_notes([[3], [14, 9], [5, 14, 7], [0], [11]])
+    batch = collate_notes(notes, pad_id=0)
+    whole = TextEncoder(bert, freeze_layers=1, chunk_batch=64)
+    grouped = TextEncoder(bert, freeze_layers=1, chunk_batch=2)
+    out_whole, out_grouped = whole(batch), grouped(batch)
+    torch.testing.assert_close(out_grouped, out_whole, atol=1e-5, rtol=1e-4)
+    grads = []
+    for out in (out_whole, out_grouped):
+        bert.zero_grad()
+        out.pow(2).sum().backward()
+        grads.append(bert.encoder.layer[2].output.dense.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)

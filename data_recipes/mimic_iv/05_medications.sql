@@ -24,11 +24,22 @@ FROM (SELECT DISTINCT drug FROM rx WHERE drug IS NOT NULL) d
 JOIN med_patterns p ON regexp_matches(d.drug, p.include)
     AND NOT (p.exclude <> '' AND regexp_matches(d.drug, p.exclude));
 
+-- Reduce to distinct (window, drug) and (window, class) pairs before pivoting: prescriptions are many.
 CREATE OR REPLACE TABLE med_feats AS
+WITH given AS (
+    SELECT DISTINCT w.task, w.hadm_id, r.drug
+    FROM task_windows w
+    JOIN rx r ON r.hadm_id = w.hadm_id AND r.starttime <= w.t_pred
+    WHERE r.drug IS NOT NULL
+), classes AS (
+    SELECT DISTINCT g.task, g.hadm_id, c.cls FROM given g JOIN drug_classes c ON c.drug = g.drug
+), counts AS (
+    SELECT task, hadm_id, count(*) AS n_distinct_drugs FROM given GROUP BY task, hadm_id
+)
 SELECT w.task, w.hadm_id,
     {{med_pivot}},
-    count(DISTINCT r.drug) AS n_distinct_drugs
+    coalesce(any_value(n.n_distinct_drugs), 0) AS n_distinct_drugs
 FROM task_windows w
-LEFT JOIN rx r ON r.hadm_id = w.hadm_id AND r.starttime <= w.t_pred
-LEFT JOIN drug_classes c ON c.drug = r.drug
+LEFT JOIN classes c ON c.task = w.task AND c.hadm_id = w.hadm_id
+LEFT JOIN counts n ON n.task = w.task AND n.hadm_id = w.hadm_id
 GROUP BY w.task, w.hadm_id;

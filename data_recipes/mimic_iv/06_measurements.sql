@@ -7,7 +7,7 @@
 -- empty (outpatient and some ED draws), when the same subject's charttime falls in
 -- [win_start, t_pred] (win_start = ED registration, else admittime). Either way only rows charted at or
 -- before the prediction time count. Big tables are scanned once: the catalogue rows are kept, then
--- aggregated per (task, admission, quantity) in one GROUP BY and pivoted to columns.
+-- aggregated per (task, admission, quantity) in one GROUP BY, then pivoted to columns.
 
 CREATE OR REPLACE TABLE meas AS
 WITH raw AS (
@@ -60,9 +60,9 @@ SELECT task, hadm_id, fid, count(*) AS n,
 FROM linked
 GROUP BY task, hadm_id, fid;
 
+-- Wide: one column per (quantity, statistic); count is 0, the others NULL, when never measured.
 CREATE OR REPLACE TABLE meas_feats AS
 SELECT w.task, w.hadm_id,
-    {{measurement_pivot}}
+    {{measurement_columns}}
 FROM task_windows w
-LEFT JOIN meas_agg g ON g.task = w.task AND g.hadm_id = w.hadm_id
-GROUP BY w.task, w.hadm_id;
+{{measurement_joins}};

@@ -294,22 +294,32 @@ def find_entities(text: str, dictionary: dict[tuple, str], max_words: int = 6) -
     return found
 
 
-def _notes_in_window(note_dir, anchors: pd.DataFrame, window_days: float, past_only: bool) -> pd.DataFrame:
-    """Discharge notes of each anchor's patient with charttime inside the window, chronological."""
-    frame = _anchor_frame(anchors)
-    con = duckdb.connect()
-    con.register("anchors", frame)
-    after = (
-        "x.anchor_time" if past_only else f"x.anchor_time + INTERVAL ({float(window_days)} * 86400) SECOND"
-    )
+def _notes_in_window(note_dir, anchors: pd.DataFrame, window_days: float, past_only: bool, con=None):
+    """(anchor_id, note_id, charttime) of each anchor's discharge notes inside the window, chronological.
+
+    Texts are not joined here: a note near many ECGs would be copied once per ECG.
+    """
+    con = con or duckdb.connect()
+    con.register("anchors", _anchor_frame(anchors))
+    lo = f"x.anchor_time - INTERVAL ({float(window_days)} * 86400) SECOND"
+    hi = "x.anchor_time" if past_only else f"x.anchor_time + INTERVAL ({float(window_days)} * 86400) SECOND"
+    con.sql(f"CREATE OR REPLACE VIEW discharge AS SELECT * FROM {_read(_table(note_dir, 'discharge'))}")
     return con.sql(
-        f"""SELECT x.anchor_id, n.note_id, CAST(n.charttime AS TIMESTAMP) AS charttime, n.text
-            FROM anchors x JOIN {_read(_table(note_dir, "discharge"))} n
-              ON CAST(n.subject_id AS BIGINT) = x.subject_id
-            WHERE CAST(n.charttime AS TIMESTAMP) >= x.anchor_time - INTERVAL ({float(window_days)} * 86400) SECOND
-              AND CAST(n.charttime AS TIMESTAMP) <= {after}
+        f"""SELECT x.anchor_id, n.note_id, CAST(n.charttime AS TIMESTAMP) AS charttime
+            FROM anchors x JOIN discharge n ON CAST(n.subject_id AS BIGINT) = x.subject_id
+            WHERE CAST(n.charttime AS TIMESTAMP) BETWEEN {lo} AND {hi}
             ORDER BY x.anchor_id, charttime, n.note_id"""
     ).df()
+
+
+def _note_texts(con, note_ids, fn, chunk: int = 5000) -> dict:
+    """``fn(text)`` for each note id, streaming the texts in chunks (MIMIC-IV-Note is ~3 GB of text)."""
+    con.register("wanted", pd.DataFrame({"note_id": pd.unique(pd.Series(note_ids, dtype=object))}))
+    result = con.execute("SELECT n.note_id, n.text FROM discharge n JOIN wanted w ON n.note_id = w.note_id")
+    out = {}
+    while rows := result.fetchmany(chunk):
+        out.update((note_id, fn("" if text is None else text)) for note_id, text in rows)
+    return out
 
 
 def _per_anchor(anchors: pd.DataFrame, texts: pd.Series) -> pd.DataFrame:
@@ -324,9 +334,9 @@ def report_text(
     """Report concatenation: the discharge notes within +-``window_days`` (30: the paper's +-1 month) of each
     anchor, oldest first, joined by blank lines; ``clean`` (e.g. ``notes.clean_note``) is applied to each.
     Returns anchor_id, text ('' when no note falls in the window)."""
-    notes = _notes_in_window(note_dir, anchors, window_days, past_only)
-    if clean is not None:
-        notes["text"] = notes["text"].map(clean)
+    con = duckdb.connect()
+    notes = _notes_in_window(note_dir, anchors, window_days, past_only, con)
+    notes["text"] = notes["note_id"].map(_note_texts(con, notes["note_id"], clean or str))
     texts = notes.groupby("anchor_id", sort=False)["text"].agg(lambda s: "\n\n".join(map(str, s)))
     return _per_anchor(anchors, texts)
 
@@ -355,10 +365,9 @@ def entity_text(
         source = "notes" if has_notes else "codes"
     if source == "notes":
         dictionary = dictionary if dictionary is not None else build_entity_dictionary(hosp_dir)
-        notes = _notes_in_window(note_dir, anchors, window_days, past_only)
-        per_note = {
-            nid: find_entities(t, dictionary) for nid, t in zip(notes["note_id"], notes["text"], strict=True)
-        }
+        con = duckdb.connect()
+        notes = _notes_in_window(note_dir, anchors, window_days, past_only, con)
+        per_note = _note_texts(con, notes["note_id"], lambda text: find_entities(text, dictionary))
         notes["terms"] = notes["note_id"].map(per_note)
     elif source == "codes":
         notes = coded_events(hosp_dir, anchors, window_days, past_only, ("DX", "RX"), None, None)

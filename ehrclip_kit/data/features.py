@@ -272,16 +272,20 @@ def feature_specs(include_vitals: bool = False) -> list[FeatureSpec]:
 
 def sql_fragments(include_vitals: bool) -> dict[str, str]:
     """SQL pieces that the recipe files use as ``{{name}}`` placeholders."""
-    # meas_agg columns are named after the stats except min/max (reserved-looking, so lo/hi).
+    # Pivot by one LEFT JOIN per quantity (each a small hash join): in DuckDB 2.0 this is several times
+    # faster than 120 FILTERed aggregates or PIVOT over the long table.
     column = {"first": "v_first", "last": "v_last", "min": "v_min", "max": "v_max", "mean": "v_mean"}
-    meas = []
+    meas_cols, meas_joins = [], []
     for fid, m in enumerate(measurements(include_vitals)):
         prefix = _measurement_prefix(m)
         for stat in MEASUREMENT_STATS:
             if stat == "count":
-                meas.append(f"coalesce(sum(g.n) FILTER (WHERE g.fid = {fid}), 0) AS {prefix}_count")
+                meas_cols.append(f"coalesce(g{fid}.n, 0) AS {prefix}_count")
             else:
-                meas.append(f"max(g.{column[stat]}) FILTER (WHERE g.fid = {fid}) AS {prefix}_{stat}")
+                meas_cols.append(f"g{fid}.{column[stat]} AS {prefix}_{stat}")
+        meas_joins.append(
+            f"LEFT JOIN meas_agg g{fid} ON g{fid}.task = w.task AND g{fid}.hadm_id = w.hadm_id AND g{fid}.fid = {fid}"
+        )
     dx = [f"coalesce(max((g.grp = '{g}')::INTEGER), 0) AS dx_{g}" for g in CHARLSON]
     severe_of = {mild: severe for mild, severe in CHARLSON_HIERARCHY}
     terms = []
@@ -290,7 +294,8 @@ def sql_fragments(include_vitals: bool) -> dict[str, str]:
         terms.append(f"{weight} * dx_{g}{guard}")
     med = [f"coalesce(max((c.cls = '{c}')::INTEGER), 0) AS med_{c}" for c in MEDICATION_CLASSES]
     return {
-        "measurement_pivot": ",\n    ".join(meas),
+        "measurement_columns": ",\n    ".join(meas_cols),
+        "measurement_joins": "\n".join(meas_joins),
         "dx_pivot": ",\n    ".join(dx),
         "charlson_index": " + ".join(terms),
         "med_pivot": ",\n    ".join(med),

@@ -112,7 +112,7 @@ def register_input(con, table: InputTable, path: Path | None, view: str) -> None
         if col not in header and col not in table.optional_columns:
             raise CohortInputError(f"column {col!r} missing from {path}")
     types = ", ".join(f"{_sql_str(c)}: {_sql_str(table.columns.get(c, 'VARCHAR'))}" for c in header)
-    select = ", ".join(c if c in header else f"NULL::{t} AS {c}" for c, t in table.columns.items())
+    select = ", ".join(f'"{c}"' if c in header else f'NULL::{t} AS "{c}"' for c, t in table.columns.items())
     con.execute(
         f"CREATE OR REPLACE VIEW {view} AS SELECT {select} FROM read_csv({_sql_str(path)}, header=true, "
         f"auto_detect=false, delim=',', quote='\"', escape='\"', max_line_size=67108864, columns={{{types}}})"
@@ -142,8 +142,9 @@ def build_cohort(
 ) -> dict:
     """Run the MIMIC-IV recipes on ``mimic_dir`` and write the cohort folder ``out_dir`` (atomically).
 
-    ``notes_dir`` defaults to ``mimic_dir/note`` when that exists; ``include_notes=False`` skips notes. Features missing for more than
-    ``max_missing`` of the train rows (all tasks pooled) are dropped and listed in features.json.
+    ``notes_dir`` defaults to ``mimic_dir/note`` when that exists; ``include_notes=False`` skips notes.
+    Features missing for more than ``max_missing`` of the train rows (all tasks pooled) are dropped and
+    listed in features.json.
     Raises :class:`CohortInputError` naming the file/column when an input is missing; nothing is written.
     Returns a summary dict (rows, positives and timings per task, feature count).
     """
@@ -162,7 +163,10 @@ def build_cohort(
     specs = catalogue.feature_specs(include_vitals)
     started = time.perf_counter()
     n_threads = int(threads or os.cpu_count() or 1)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.duckdb-", dir=_existing_parent(out)))
+    # DuckDB's database and spill files go beside OUT (same disk as the output) when that folder exists.
+    work = Path(
+        tempfile.mkdtemp(prefix=f".{out.name}.duckdb-", dir=out.parent if out.parent.is_dir() else None)
+    )
     con = duckdb.connect(str(work / "cohort.duckdb"), config={
         "memory_limit": memory_limit, "threads": n_threads,
         "temp_directory": str(work / "spill"), "preserve_insertion_order": False,
@@ -174,23 +178,7 @@ def build_cohort(
         if notes_path is not None:
             register_input(con, NOTES, notes_path, "src_notes")
         _register_catalogue(con, include_vitals)
-        con.execute("CREATE TABLE attrition (task VARCHAR, seq INTEGER, step VARCHAR, n_before BIGINT, "
-                    "n_excluded BIGINT, n_after BIGINT, reason VARCHAR)")  # fmt: skip
-        fragments = catalogue.sql_fragments(include_vitals)
-        timings = {}
-        for sql_file in tqdm(sorted(RECIPE_DIR.glob("*.sql")), desc="cohort recipes", disable=not verbose):
-            t0 = time.perf_counter()
-            try:
-                con.execute(render_sql(sql_file, fragments))
-            except duckdb.Error as err:
-                raise CohortInputError(
-                    f"recipe {sql_file.name} failed on the inputs in {root}: {err}"
-                ) from err
-            if sql_file.name.startswith("02_"):
-                con.execute(
-                    "DELETE FROM task_windows WHERE task NOT IN (SELECT unnest(?::VARCHAR[]))", [list(tasks)]
-                )
-            timings[sql_file.stem] = round(time.perf_counter() - t0, 2)
+        timings = _run_recipes(con, root, tasks, include_vitals, verbose)
         with io.atomic_dir(out) as tmp:
             summary = _write_outputs(con, tmp, root, tasks, specs, max_missing, say)
             if notes_path is not None:
@@ -199,29 +187,58 @@ def build_cohort(
                 timings["notes"] = round(time.perf_counter() - t0, 2)
             elif include_notes:
                 say(
-                    f"notice: no notes found (looked for {root / 'note' / 'discharge.csv.gz'}); notes.parquet skipped"
+                    f"notice: no notes found (looked for {root / 'note'}/discharge.csv.gz); notes.parquet skipped"
                 )
-            order = {t: i for i, t in enumerate(("input", *tasks))}
-            attrition = con.sql("SELECT * FROM attrition").df()
-            attrition = attrition[attrition.task.isin(order)]
-            attrition = attrition.sort_values(
-                ["task", "seq"], key=lambda c: c.map(order) if c.name == "task" else c
-            )
-            attrition = attrition.drop(columns="seq").reset_index(drop=True)
-            io.write_csv(tmp / "attrition.csv", attrition)
+            attrition = _write_attrition(con, tmp / "attrition.csv", tasks)
             if (root / "truth.parquet").is_file():
                 shutil.copy2(root / "truth.parquet", tmp / "truth.parquet")
             summary.update(timings=timings, seconds=round(time.perf_counter() - started, 1), out=str(out))
-            _report(attrition, summary, say)
+            _report(attrition, summary, max_missing, say)
     finally:
         con.close()
         shutil.rmtree(work, ignore_errors=True)
     return summary
 
 
-def _existing_parent(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.parent
+def _run_recipes(con, root: Path, tasks, include_vitals: bool, verbose: bool) -> dict[str, float]:
+    """Run data_recipes/mimic_iv/*.sql in file order; returns seconds per file."""
+    con.execute(
+        "CREATE TABLE attrition (task VARCHAR, seq INTEGER, step VARCHAR, n_before BIGINT, n_excluded BIGINT, "
+        "n_after BIGINT, reason VARCHAR)"
+    )
+    fragments = catalogue.sql_fragments(include_vitals)
+    timings = {}
+    for sql_file in tqdm(sorted(RECIPE_DIR.glob("*.sql")), desc="cohort recipes", disable=not verbose):
+        t0 = time.perf_counter()
+        try:
+            con.execute(render_sql(sql_file, fragments))
+        except duckdb.Error as err:
+            raise CohortInputError(
+                f"recipe {sql_file.name} failed on the inputs in {root}: {_brief(err)}"
+            ) from err
+        if sql_file.name.startswith("02_"):  # task_windows exists from here on: keep the requested tasks
+            con.execute("DELETE FROM task_windows WHERE NOT list_contains(?::VARCHAR[], task)", [list(tasks)])
+        timings[sql_file.stem] = round(time.perf_counter() - t0, 2)
+    return timings
+
+
+def _write_attrition(con, path: Path, tasks) -> pd.DataFrame:
+    """Input rows first, then each task's steps in order; the internal ``seq`` column is dropped."""
+    order = {t: i for i, t in enumerate(("input", *tasks))}
+    frame = con.sql("SELECT * FROM attrition").df()
+    frame = frame[frame.task.isin(order)].assign(task_order=lambda f: f.task.map(order))
+    frame = (
+        frame.sort_values(["task_order", "seq"]).drop(columns=["task_order", "seq"]).reset_index(drop=True)
+    )
+    io.write_csv(path, frame)
+    return frame
+
+
+def _brief(err: Exception) -> str:
+    """DuckDB's CSV errors name the line, column and file, then list generic advice: keep the first part."""
+    lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+    cut = next((i for i, x in enumerate(lines) if x.startswith("Possible solutions")), len(lines))
+    return "\n".join(lines[:cut] + [x for x in lines[cut:] if x.startswith("file =")])
 
 
 def _notes_path(root: Path, notes_dir) -> Path | None:
@@ -250,56 +267,14 @@ def _register_catalogue(con, include_vitals: bool) -> None:
 
 def _write_outputs(con, tmp: Path, source: Path, tasks, specs, max_missing: float, say) -> dict:
     """Splits, train-only categories and missingness filter, then one parquet per task + features.json."""
-    columns = [
-        c
-        for c in con.sql("SELECT * FROM features_all LIMIT 0").columns
-        if c not in ("task", "subject_id", "hadm_id", "label")
-    ]
-    if set(columns) != {s.name for s in specs}:  # a recipe and the catalogue disagree: a bug, not bad input
-        raise RuntimeError(
-            f"feature columns differ from the catalogue: {sorted(set(columns) ^ {s.name for s in specs})}"
-        )
-    subjects = con.sql("SELECT DISTINCT subject_id FROM task_windows ORDER BY subject_id").df()
-    subjects["split"] = assign_splits(subjects["subject_id"])
-    con.register("subject_split_df", subjects)
-    con.execute("CREATE OR REPLACE TABLE subject_split AS SELECT * FROM subject_split_df")
-    train = "FROM features_all f JOIN subject_split s ON s.subject_id = f.subject_id WHERE s.split = 'train'"
-    categories = {}
-    for s in specs:
-        if s.kind == "categorical":
-            values = con.sql(f"SELECT DISTINCT f.{s.name} AS v {train} AND v IS NOT NULL ORDER BY v").df()[
-                "v"
-            ]
-            categories[s.name] = [UNKNOWN, *map(str, values)]
-    present = ", ".join(
-        f"count(*) FILTER (WHERE f.{s.name} > 0) AS {s.name}"
-        if s.zero_is_missing
-        else f"count(f.{s.name}) AS {s.name}"
-        for s in specs
-    )
-    counts = con.sql(f"SELECT count(*) AS __n, {present} {train}").df().iloc[0]
-    n_train = int(counts["__n"])
-    kept, dropped = [], []
-    for s in specs:
-        missing = 1.0 - float(counts[s.name]) / n_train if n_train else 0.0
-        if missing > max_missing:
-            dropped.append(
-                {
-                    "name": s.name,
-                    "reason": f"missing for {missing:.1%} of train rows",
-                    "missing_fraction": round(missing, 4),
-                }
-            )
-        else:
-            kept.append(s)
+    ids = {"task", "subject_id", "hadm_id", "label"}
+    columns = set(con.sql("SELECT * FROM features_all LIMIT 0").columns) - ids
+    if diff := columns ^ {s.name for s in specs}:  # a recipe and the catalogue disagree: a bug, not bad input
+        raise RuntimeError(f"feature columns differ from the catalogue: {sorted(diff)}")
+    kept, dropped, categories, n_train = _fit_on_train(con, specs, max_missing)
     if not n_train:
         say("notice: no train-split rows; categories hold only the unknown code and no feature is dropped")
-    summary = {
-        "tasks": {},
-        "n_features": len(kept),
-        "n_dropped": len(dropped),
-        "n_train_rows_pooled": n_train,
-    }
+    summary = {"tasks": {}, "n_features": len(kept), "n_dropped": len(dropped), "n_train_rows": n_train}
     for task in tasks:
         frame = con.execute(
             f"SELECT f.subject_id, f.hadm_id, s.split, f.label, {', '.join('f.' + k.name for k in kept)} "
@@ -333,6 +308,39 @@ def _write_outputs(con, tmp: Path, source: Path, tasks, specs, max_missing: floa
         "max_missing": max_missing,
     })  # fmt: skip
     return summary
+
+
+def _fit_on_train(con, specs, max_missing: float):
+    """Assign splits, then fit category lists and the missingness filter on train rows (tasks pooled)."""
+    subjects = con.sql("SELECT DISTINCT subject_id FROM task_windows ORDER BY subject_id").df()
+    subjects["split"] = assign_splits(subjects["subject_id"])
+    con.register("subject_split_df", subjects)
+    con.execute("CREATE OR REPLACE TABLE subject_split AS SELECT * FROM subject_split_df")
+    train = "FROM features_all f JOIN subject_split s ON s.subject_id = f.subject_id WHERE s.split = 'train'"
+    categories = {}
+    for s in specs:
+        if s.kind == "categorical":
+            values = con.sql(f"SELECT DISTINCT f.{s.name} AS v {train} AND v IS NOT NULL ORDER BY v").df()[
+                "v"
+            ]
+            categories[s.name] = [UNKNOWN, *map(str, values)]
+    present = ", ".join(
+        f"count(*) FILTER (WHERE f.{s.name} > 0) AS {s.name}"
+        if s.zero_is_missing
+        else f"count(f.{s.name}) AS {s.name}"
+        for s in specs
+    )  # a categorical counts as present when non-null: every train value is a known category
+    counts = con.sql(f"SELECT count(*) AS __n, {present} {train}").df().iloc[0]
+    n_train = int(counts["__n"])
+    kept, dropped = [], []
+    for s in specs:
+        missing = 1.0 - float(counts[s.name]) / n_train if n_train else 0.0
+        if missing > max_missing:
+            reason = f"missing for {missing:.1%} of train rows"
+            dropped.append({"name": s.name, "reason": reason, "missing_fraction": round(missing, 4)})
+        else:
+            kept.append(s)
+    return kept, dropped, categories, n_train
 
 
 def _write_notes(con, path: Path, workers: int) -> int:
@@ -394,7 +402,7 @@ def _note_cleaner(workers: int):
         yield lambda texts: list(pool.map(clean_note, texts, chunksize=64))
 
 
-def _report(attrition: pd.DataFrame, summary: dict, say) -> None:
+def _report(attrition: pd.DataFrame, summary: dict, max_missing: float, say) -> None:
     for row in attrition[attrition.task == "input"].itertuples():
         if row.n_excluded:
             say(f"input {row.step}: {row.n_excluded} of {row.n_before} rows excluded ({row.reason})")
@@ -403,28 +411,25 @@ def _report(attrition: pd.DataFrame, summary: dict, say) -> None:
         say(
             f"{task}: {info['rows']} admissions, {info['positives']} positive ({rate:.1%}), splits {info['splits']}"
         )
-    say(
-        f"{summary['n_features']} features ({summary['n_dropped']} dropped as >99% missing) in {summary['seconds']} s -> {summary['out']}"
-    )
+    say(f"{summary['n_features']} features ({summary['n_dropped']} dropped as missing for >{max_missing:.0%} of train "
+        f"rows) in {summary['seconds']} s -> {summary['out']}")  # fmt: skip
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--mimic", required=True, help="MIMIC-IV folder with hosp/ and icu/ (real or `ehrclip synth`)"
+    add = parser.add_argument
+    add("--mimic", required=True, help="MIMIC-IV folder with hosp/ and icu/ (real, demo or `ehrclip synth`)")
+    add("--out", required=True, help="cohort folder to write (replaced whole, atomically)")
+    add("--notes", default=None, help="folder with discharge.csv.gz (default: MIMIC/note when present)")
+    add("--no-notes", action="store_true", help="do not write notes.parquet")
+    add("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks to build (default: all)")
+    add("--memory-limit", default="6GB", help="DuckDB memory limit; it spills to disk beyond it")
+    add(
+        "--threads",
+        type=int,
+        default=None,
+        help="DuckDB threads and note-cleaning processes (default: all cores)",
     )
-    parser.add_argument("--out", required=True, help="cohort folder to write (replaced whole, atomically)")
-    parser.add_argument(
-        "--notes", default=None, help="folder with discharge.csv.gz (default: MIMIC/note when present)"
-    )
-    parser.add_argument("--no-notes", action="store_true", help="do not write notes.parquet")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks to build")
-    parser.add_argument(
-        "--memory-limit", default="6GB", help="DuckDB memory limit (spills to disk beyond it)"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
-    parser.add_argument(
-        "--max-missing", type=float, default=0.99, help="drop features missing for more train rows"
-    )
+    add("--max-missing", type=float, default=0.99, help="drop features missing for more of the train rows")
 
 
 def run(args) -> int:

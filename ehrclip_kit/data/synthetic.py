@@ -61,16 +61,20 @@ ACUTE = ("sepsis", "pneumonia", "acute_mi")
 CONDITIONS = CHRONIC + ACUTE
 SOCIAL = ("lives_alone", "housing_instability", "substance_use", "nonadherence")
 DAY, HOUR, MINUTE = 86400, 3600, 60
-# logit = intercept + sum_c w_c * cond_c * (0.4 + 1.2 * sev_c) + sum_s w_s * social_s + age_w * (age - 65) / 10
+# logit = intercept + sum_c w_c * cond_c * (a + b * sev_c ** power) + sum_s w_s * social_s
+#         + age_w * (age - 65) / 10, with (a, b, power) = model["severity"].
+# Readmission hinges on *which* chronic conditions a patient has and how severe they are (heart failure,
+# cirrhosis, COPD, cancer, CKD, social factors), not on how sick the admission looks overall: sepsis,
+# acute MI, hypertension or diabetes leave heavy footprints in the tables but barely move it.
 READMISSION_MODEL = {
-    "intercept": -3.4, "age": 0.05,
-    "conditions": {"heart_failure": 1.0, "atrial_fibrillation": 0.2, "myocardial_infarction": 0.25,
-                   "hypertension": 0.05, "conduction_disease": 0.1, "ckd": 0.85, "copd": 0.85, "diabetes": 0.45,
-                   "cirrhosis": 1.2, "cancer": 1.0, "sepsis": 0.35, "pneumonia": 0.25, "acute_mi": 0.3},
-    "social": {"lives_alone": 0.45, "housing_instability": 0.8, "substance_use": 0.7, "nonadherence": 0.8},
+    "intercept": -2.75, "age": 0.0, "severity": (0.2, 1.6, 2),
+    "conditions": {"heart_failure": 1.8, "atrial_fibrillation": 0.0, "myocardial_infarction": 0.1,
+                   "hypertension": 0.0, "conduction_disease": 0.0, "ckd": 1.1, "copd": 1.5, "diabetes": 0.1,
+                   "cirrhosis": 1.9, "cancer": 1.5, "sepsis": 0.0, "pneumonia": 0.1, "acute_mi": -0.5},
+    "social": {"lives_alone": 0.4, "housing_instability": 0.6, "substance_use": 0.5, "nonadherence": 0.7},
 }
 CRITICAL_MODEL = {
-    "intercept": -3.35, "age": 0.15,
+    "intercept": -3.35, "age": 0.15, "severity": (0.4, 1.2, 1),
     "conditions": {"heart_failure": 0.7, "atrial_fibrillation": 0.15, "myocardial_infarction": 0.15,
                    "hypertension": 0.0, "conduction_disease": 0.1, "ckd": 0.45, "copd": 0.55, "diabetes": 0.15,
                    "cirrhosis": 0.9, "cancer": 0.6, "sepsis": 1.9, "pneumonia": 1.0, "acute_mi": 1.5},
@@ -85,8 +89,9 @@ def _sigmoid(x):
 def outcome_logit(model: dict, cond: dict, sev: dict, social: dict, age) -> np.ndarray:
     """The world's fixed outcome model: ``model`` is :data:`READMISSION_MODEL` or :data:`CRITICAL_MODEL`."""
     x = model["intercept"] + model["age"] * (np.asarray(age, dtype=float) - 65) / 10
+    a, b, power = model["severity"]
     for c, w in model["conditions"].items():
-        x = x + w * cond[c] * (0.4 + 1.2 * sev[c])
+        x = x + w * cond[c] * (a + b * sev[c] ** power)
     for s, w in model["social"].items():
         x = x + w * social[s]
     return x
@@ -222,9 +227,8 @@ def _admission_round(rng, pat: pd.DataFrame, idx: np.ndarray, admit: np.ndarray,
     a = (age - 65) / 10
     icu_death = (icu_in >= 0) & (rng.random(m) < _sigmoid(-2.4 + 1.5 * sev["sepsis"] + sev["acute_mi"]
                                                          + 0.8 * sev["cirrhosis"] + 0.6 * sev["cancer"] + 0.2 * a))
-    burden = sum(sev[c] for c in CHRONIC)
-    ward = ((1.05 + rng.gamma(1.4, 2.0, m) * (1 + 0.5 * np.maximum.reduce([acute_sev[c] for c in ACUTE])
-                                               + 0.15 * burden)) * DAY).astype(np.int64)
+    ward = ((1.05 + rng.gamma(1.4, 2.0, m) * (1 + 0.5 * np.maximum.reduce([acute_sev[c] for c in ACUTE]))) * DAY)
+    ward = ward.astype(np.int64)
     after_icu = ((0.5 + rng.gamma(1.5, 1.5, m)) * DAY).astype(np.int64)
     disch = np.select(
         [short, crit_death_only, icu_in >= 0],

@@ -188,11 +188,11 @@ def diagnoses_tables(adm: pd.DataFrame, rng: np.random.Generator) -> tuple[pa.Ta
     for c in cond:
         if c == "sepsis":
             continue
-        p_code = {"hypertension": 0.75, "atrial_fibrillation": 0.85}.get(c, 0.3 + 0.55 * sev[c])
+        p_code = {"hypertension": 0.75, "atrial_fibrillation": 0.85}.get(c, 0.2 + 0.5 * sev[c])
         if c in ("pneumonia", "acute_mi"):
             p_code = 0.75 + 0.25 * sev[c]
         coded = cond[c] & (rng.random(n) < p_code)
-        false_pos = ~cond[c] & (rng.random(n) < 0.01)
+        false_pos = ~cond[c] & (rng.random(n) < 0.03)
         q = np.where(cond[c], sev[c] + rng.normal(0, 0.2, n), rng.random(n) * 0.5)
         if c == "hypertension":
             ckd = cond["ckd"]
@@ -325,7 +325,7 @@ def prescriptions_table(adm: pd.DataFrame, rng: np.random.Generator) -> tuple[pa
         else:
             present, sev = adm[f"cond_{group}"].to_numpy().astype(bool), adm[f"sev_{group}"].to_numpy()
         for key, p in drugs:
-            p_given = np.where(present, np.minimum(0.97, p * (0.7 + 0.6 * sev)), 0.015 if group != "general" else 0)
+            p_given = np.where(present, np.minimum(0.95, p * (0.5 + 0.8 * sev)), 0.04 if group != "general" else 0)
             give(rng.random(n) < p_given, key)
     af = adm["cond_atrial_fibrillation"].to_numpy().astype(bool)
     warf = adm["on_warfarin"].to_numpy().astype(bool)

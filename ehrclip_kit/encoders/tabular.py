@@ -54,7 +54,9 @@ def load_feature_spec(features: str | os.PathLike | Mapping[str, Any]) -> list[d
     for i, entry in enumerate(entries):
         name, kind = entry.get("name"), entry.get("kind")
         if not name or kind not in ("numeric", "categorical"):
-            raise ValueError(f"{where}: feature #{i} needs a name and kind 'numeric'|'categorical', got {entry}")
+            raise ValueError(
+                f"{where}: feature #{i} needs a name and kind 'numeric'|'categorical', got {entry}"
+            )
         if name in seen:
             raise ValueError(f"{where}: feature {name!r} is listed twice")
         seen.add(name)
@@ -125,7 +127,9 @@ class TabularPreprocessor:
         self.fitted = False
 
     # -- fitting ------------------------------------------------------------------------------------------
-    def fit(self, frame: pd.DataFrame, features: str | os.PathLike | Mapping[str, Any]) -> TabularPreprocessor:
+    def fit(
+        self, frame: pd.DataFrame, features: str | os.PathLike | Mapping[str, Any]
+    ) -> TabularPreprocessor:
         """Fit on the rows with ``split == 'train'`` (all rows when the frame has no ``split`` column)."""
         spec = load_feature_spec(features)
         train = _train_rows(frame)
@@ -160,7 +164,9 @@ class TabularPreprocessor:
     # -- layout -------------------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
         if not self.fitted:
-            raise RuntimeError("TabularPreprocessor is not fitted: call .fit(train_frame, features_json) first")
+            raise RuntimeError(
+                "TabularPreprocessor is not fitted: call .fit(train_frame, features_json) first"
+            )
 
     @property
     def columns(self) -> list[str]:
@@ -242,7 +248,9 @@ class TabularPreprocessor:
         pre.categorical = [dict(c, seen=list(c["seen"])) for c in state["categorical"]]
         pre.fitted = True
         if "columns" in state and list(state["columns"]) != pre.columns:
-            raise ValueError("TabularPreprocessor state is inconsistent: stored columns differ from the layout")
+            raise ValueError(
+                "TabularPreprocessor state is inconsistent: stored columns differ from the layout"
+            )
         return pre
 
     def save(self, path: str | os.PathLike) -> None:
@@ -334,7 +342,9 @@ class TabNetEhrEncoder(nn.Module):
         if len(cat_idxs) != len(cat_dims):
             raise ValueError(f"cat_idxs ({len(cat_idxs)}) and cat_dims ({len(cat_dims)}) differ in length")
         if cat_idxs != sorted(cat_idxs) or any(not 0 <= i < input_dim for i in cat_idxs):
-            raise ValueError(f"cat_idxs must be sorted column indices below input_dim={input_dim}: {cat_idxs}")
+            raise ValueError(
+                f"cat_idxs must be sorted column indices below input_dim={input_dim}: {cat_idxs}"
+            )
         emb_dims = [int(cat_emb_dim)] * len(cat_idxs) if isinstance(cat_emb_dim, int) else list(cat_emb_dim)
         if len(emb_dims) != len(cat_idxs):
             raise ValueError("cat_emb_dim must be an int or one size per categorical column")
@@ -344,7 +354,9 @@ class TabNetEhrEncoder(nn.Module):
             virtual_batch_size=virtual_batch_size, momentum=momentum, mask_type=mask_type, epsilon=epsilon,
         )  # fmt: skip
         # Same construction as TabNetPretraining.__init__ (embedder, then encoder on the embedded width).
-        self.embedder = EmbeddingGenerator(input_dim, cat_dims, cat_idxs, emb_dims, create_group_matrix([], input_dim))
+        self.embedder = EmbeddingGenerator(
+            input_dim, cat_dims, cat_idxs, emb_dims, create_group_matrix([], input_dim)
+        )
         self.encoder = TabNetEncoder(
             input_dim=self.embedder.post_embed_dim,
             output_dim=self.embedder.post_embed_dim,

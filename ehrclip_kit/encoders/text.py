@@ -91,6 +91,8 @@ class TextEncoderConfig:
     ``freeze_layers``: how many of the first transformer layers are frozen. The paper freezes 10 of
     Clinical-Longformer's 12; the default 4 keeps MiniLM's last 2 of 6 trainable, the same shape.
     ``max_chunks``: cap on chunks per note (``None``: all, as in the paper).
+    ``chunk_batch``: chunks per model call (larger batches are split into groups of similar length). 64
+    keeps a GPU busy; on a CPU, where big batches are memory-bound, 1-4 is faster.
     ``local_files_only``: never reach the network (this kit runs offline; a hub id must already be cached).
     """
 
@@ -189,9 +191,26 @@ class TextEncoder(nn.Module):
         return load_text_tokenizer(self.config.model, self.config.local_files_only)
 
     def encode_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """First-token vector of each chunk: ``[n_chunks, L] -> [n_chunks, hidden]`` (float32)."""
+        """First-token vector of each chunk: ``[n_chunks, L] -> [n_chunks, hidden]`` (float32).
+
+        More than ``config.chunk_batch`` chunks run in groups of similar length, each group cut to its own
+        longest chunk: this bounds the model's transient memory and trims padding; the result is the same.
+        """
         device = next(self.model.parameters()).device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        group = max(1, int(self.config.chunk_batch))
+        if input_ids.shape[0] <= group:
+            return self._first_token(input_ids, attention_mask)
+        order = torch.argsort(attention_mask.sum(1), descending=True, stable=True)
+        parts = []
+        for start in range(0, len(order), group):
+            rows = order[start : start + group]
+            mask = attention_mask[rows]
+            length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+            parts.append(self._first_token(input_ids[rows, :length], mask[:, :length]))
+        return torch.cat(parts)[torch.argsort(order)]
+
+    def _first_token(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         kwargs = {}
         if self.attention_window:
             # Longformer: pad to a multiple of the window ourselves (it would, with a warning) and give each
