@@ -30,7 +30,14 @@ from ehrclip_kit.evaluation import mean_ci
 from ehrclip_kit.finetune import FinetuneConfig
 from ehrclip_kit.io import write_csv, write_json
 from ehrclip_kit.masked_pretraining import masked_pretrain
-from ehrclip_kit.pretrain import PretrainConfig, contrastive_stage, note_vectors, preset, random_encoder, split_rows
+from ehrclip_kit.pretrain import (
+    PretrainConfig,
+    contrastive_stage,
+    note_vectors,
+    preset,
+    random_encoder,
+    split_rows,
+)
 
 METHODS = ("xgboost", "logistic", "random", "masked", "contrastive", "masked+contrastive")
 METRICS = ("auroc", "auprc", "brier")
@@ -56,13 +63,17 @@ def ablation_preset(name: str) -> AblationConfig:
             finetune=FinetuneConfig(epochs=4, patience=2, batch_size=128), n_boot=0,
         )  # fmt: skip
     if name == "workshop":
-        return AblationConfig(pretrain=preset("workshop"), finetune=FinetuneConfig(epochs=15, lr=2e-3, patience=4))
+        return AblationConfig(
+            pretrain=preset("workshop"), finetune=FinetuneConfig(epochs=15, lr=2e-3, patience=4)
+        )
     if name == "paper":
         return AblationConfig(pretrain=preset("paper"), finetune=FinetuneConfig(epochs=15, lr=5e-4))
     raise ValueError(f"unknown ablation preset {name!r}; choose smoke, workshop or paper")
 
 
-def pretrained_encoders(frame, features, notes, preprocessor, config: PretrainConfig, seed: int, methods, vectors):
+def pretrained_encoders(
+    frame, features, notes, preprocessor, config: PretrainConfig, seed: int, methods, vectors
+):
     """The encoders each fine-tuning method starts from, for one seed."""
     cfg = dataclasses.replace(config, seed=seed, progress=False)
     train, val = split_rows(frame, "train"), split_rows(frame, "val")
@@ -79,7 +90,9 @@ def pretrained_encoders(frame, features, notes, preprocessor, config: PretrainCo
               "masked+contrastive": lambda: copy.deepcopy(masked)}  # fmt: skip
     for name, start in starts.items():
         if name in methods:
-            model, _ = contrastive_stage(start(), preprocessor, pairs_train, pairs_val, cfg, text_vectors=vectors)
+            model, _ = contrastive_stage(
+                start(), preprocessor, pairs_train, pairs_val, cfg, text_vectors=vectors
+            )
             encoders[name] = model.encoders["ehr"]
     return encoders
 
@@ -95,7 +108,9 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run_ablation(cohort: str | Path, out: str | Path | None, config: AblationConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def run_ablation(
+    cohort: str | Path, out: str | Path | None, config: AblationConfig
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run the grid; write the outputs when ``out`` is given. Returns ``(results, summary)``."""
     notes = load_notes(cohort) if {"contrastive", "masked+contrastive"} & set(config.methods) else None
     rows = []
@@ -145,8 +160,13 @@ def write_outputs(out: Path, results: pd.DataFrame, summary: pd.DataFrame, confi
 def format_table(summary: pd.DataFrame, metric: str = "auroc") -> str:
     """A markdown table: methods as rows, label fractions as columns, ``mean [lo, hi]`` cells."""
     cells = summary[summary["metric"] == metric].copy()
-    cells["cell"] = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in zip(cells["mean"], cells["ci_low"], cells["ci_high"], strict=True)]
-    table = cells.pivot_table(index=["task", "method"], columns="label_fraction", values="cell", aggfunc="first", sort=False)
+    cells["cell"] = [
+        f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+        for m, lo, hi in zip(cells["mean"], cells["ci_low"], cells["ci_high"], strict=True)
+    ]
+    table = cells.pivot_table(
+        index=["task", "method"], columns="label_fraction", values="cell", aggfunc="first", sort=False
+    )
     header = ["task", "method", *[f"{c:g} labels" for c in table.columns]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (task, method), row in table.iterrows():

@@ -64,7 +64,9 @@ def fit_and_test(
     else:
         if encoder is None or preprocessor is None:
             raise ValueError(f"method {method!r} needs an encoder and its preprocessor")
-        config = dataclasses.replace(finetune_config or FinetuneConfig(), label_fraction=label_fraction, seed=seed)
+        config = dataclasses.replace(
+            finetune_config or FinetuneConfig(), label_fraction=label_fraction, seed=seed
+        )
         model, history = finetune(encoder, preprocessor, train, val, config)
         proba, n_train = predict_proba(model, preprocessor, test), model.n_train
     metrics = binary_metrics(test["label"].to_numpy(), proba, n_boot=n_boot, seed=seed)
@@ -88,13 +90,17 @@ def encoder_from_source(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cohort", type=Path, required=True)
     parser.add_argument("--task", default="readmission_30d")
-    parser.add_argument("--encoder", default="random", help="'random', 'xgboost', 'logistic' or a pretrain run folder")
+    parser.add_argument(
+        "--encoder", default="random", help="'random', 'xgboost', 'logistic' or a pretrain run folder"
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--label-fraction", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--freeze", default="embedder,encoder.initial_splitter", help="comma list of module prefixes")
+    parser.add_argument(
+        "--freeze", default="embedder,encoder.initial_splitter", help="comma list of module prefixes"
+    )
     parser.add_argument("--n-d", type=int, default=32, help="TabNet width for --encoder random")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -110,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
     if args.encoder not in BASELINE_METHODS:
         tabnet = TabNetConfig(n_d=args.n_d, n_a=args.n_d)
         encoder, preprocessor, method = encoder_from_source(args.encoder, frame, features, tabnet, args.seed)
-    result = fit_and_test(method, frame, features, args.label_fraction, args.seed, encoder, preprocessor, config)
+    result = fit_and_test(
+        method, frame, features, args.label_fraction, args.seed, encoder, preprocessor, config
+    )
     test = split_rows(frame, "test")
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "metrics.json", {"task": args.task, "method": method, "label_fraction": args.label_fraction,

@@ -28,8 +28,8 @@ import argparse
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ class EcgPretrainConfig:
     text_mode: str = "report"
     text_model: str | None = None  # local folder or hub id; None: the offline MiniLM
     text_max_chunks: int | None = 2  # 256-token chunks embedded per note (None: all, as in the paper)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=64, lr=1e-3))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=12, batch_size=64, lr=1e-3))
     proj_dim: int = 128  # fine space (and the single space of the pair models)
     coarse_dim: int = 128
     proj_hidden: int | None = None
@@ -99,9 +99,8 @@ def ecg_preset(name: str, **overrides) -> EcgPretrainConfig:
 
 def modalities(preset: str) -> tuple[str, ...]:
     """Batch keys a preset's model reads."""
-    return {"ecg-fac": ("ecg", "codes", "text"), "ecg-codes": ("ecg", "codes"), "ecg-text": ("ecg", "text")}[
-        preset
-    ]
+    known = {"ecg-fac": ("ecg", "codes", "text"), "ecg-codes": ("ecg", "codes"), "ecg-text": ("ecg", "text")}
+    return known[preset]
 
 
 # ------------------------------------------------------------------------------------------ the index
@@ -156,19 +155,17 @@ def ecg_texts(index_dir, frame: pd.DataFrame, mode: str) -> tuple[list[str], lis
     return machine, notes
 
 
-def _embed_unique(texts: list[str], config: EcgPretrainConfig) -> np.ndarray:
-    """MiniLM (or ``config.text_model``) vectors of ``texts``, each distinct text embedded once and cached."""
+def embed_text_vectors(texts: list[str], config: EcgPretrainConfig) -> np.ndarray:
+    """Frozen text-model vectors (MiniLM unless ``config.text_model``) of ``texts``; each distinct text is
+    embedded once and the result cached on disk (:func:`ehrclip_kit.text_cache.cached_note_embeddings`)."""
     from ehrclip_kit.encoders.text import TextEncoderConfig
     from ehrclip_kit.text_cache import cached_note_embeddings
 
     unique, inverse = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
     text_cfg = TextEncoderConfig(model=config.text_model, max_chunks=config.text_max_chunks)
+    frame = pd.DataFrame({"text": unique})
     vectors = cached_note_embeddings(
-        pd.DataFrame({"text": unique}),
-        config.text_model,
-        config.cache_dir,
-        text_cfg,
-        progress=config.progress,
+        frame, config.text_model, config.cache_dir, text_cfg, progress=config.progress
     )
     return np.asarray(vectors, dtype=np.float32)[inverse]
 
@@ -176,11 +173,11 @@ def _embed_unique(texts: list[str], config: EcgPretrainConfig) -> np.ndarray:
 def text_vectors(index_dir, frame: pd.DataFrame, config: EcgPretrainConfig) -> np.ndarray:
     """Cached text vectors ``[len(frame), d]`` for ``config.text_mode`` (report: mean of statements and notes)."""
     primary, notes = ecg_texts(index_dir, frame, config.text_mode)
-    vectors = _embed_unique(primary, config)
+    vectors = embed_text_vectors(primary, config)
     if notes is not None:
         has = np.array([bool(t.strip()) for t in notes])
         if has.any():
-            note_vecs = _embed_unique([t for t, h in zip(notes, has, strict=True) if h], config)
+            note_vecs = embed_text_vectors([t for t, h in zip(notes, has, strict=True) if h], config)
             vectors[has] = 0.5 * (vectors[has] + note_vecs)
     return vectors
 
@@ -221,13 +218,7 @@ def load_waveforms(frame: pd.DataFrame, root, config: ECGConfig, record_seconds:
             out[i, :, : x.shape[1]] = x
         return out
 
-    key = {
-        "what": WAVES_VERSION,
-        "root": str(root.resolve()),
-        "files": stats,
-        "config": config,
-        "n": n_samples,
-    }
+    key = {"what": WAVES_VERSION, "root": str(root.resolve()), "files": stats, "config": config, "n": n_samples}  # fmt: skip
     return disk_cache(cache_dir, key, compute, name="ecg-waves")
 
 
@@ -345,9 +336,14 @@ def build_ecg_dataset(index_dir, world_or_mimic_root=None, config: EcgPretrainCo
     frame = frame.iloc[rows].reset_index(drop=True)
     if codes is not None:
         codes = [codes[i] for i in rows]
-    if "text" in mods:
-        text = text_vectors(index_dir, frame, config)
-    waves = load_waveforms(frame, root, config.ecg, config.record_seconds, config.cache_dir, config.progress)
+    if len(frame) == 0:  # e.g. a tiny cohort without validation patients
+        n = int(round(config.record_seconds * config.ecg.fs))
+        waves, text = np.zeros((0, len(config.ecg.leads), n), np.float32), np.zeros((0, 0), np.float32)
+    else:
+        waves = load_waveforms(
+            frame, root, config.ecg, config.record_seconds, config.cache_dir, config.progress
+        )
+        text = text_vectors(index_dir, frame, config) if "text" in mods else None
     return EcgPairs(frame, waves, config.ecg, codes, text, split == "train", config.seed, mods,
                     config.codes.get("max_len", 64))  # fmt: skip
 
@@ -391,10 +387,10 @@ class EcgPretrainResult:
 
 
 def pretrain_ecg(config: EcgPretrainConfig, index_dir, root=None, out_dir=None, dist=None,
-                 train: EcgPairs | None = None, val: EcgPairs | None = None) -> EcgPretrainResult:  # fmt: skip
+                 train: EcgPairs | None = None, val: EcgPairs | None = None, vocab=None) -> EcgPretrainResult:  # fmt: skip
     """Pretrain the preset's model on the train split of ``index_dir``; validate on its val split.
 
-    ``train`` / ``val`` reuse datasets already built (e.g. by a notebook comparing presets). With
+    ``train`` / ``val`` (and ``vocab``) reuse what was already built (e.g. by a notebook comparing presets). With
     ``out_dir`` the Trainer checkpoints to ``out_dir/checkpoint`` (resumed when present) and the run folder
     gets ``ecg_pretrain_config.json``, ``code_vocab.json`` and ``metrics.json`` (history, the validation
     losses before training under ``val_before``, sizes, seconds); :func:`load_ecg_pretrained` reads it back.
@@ -404,7 +400,8 @@ def pretrain_ecg(config: EcgPretrainConfig, index_dir, root=None, out_dir=None, 
     from ehrclip_kit.training import Trainer
 
     t0 = time.perf_counter()
-    vocab = load_vocab(index_dir) if "codes" in modalities(config.preset) else None
+    if vocab is None and "codes" in modalities(config.preset):
+        vocab = load_vocab(index_dir)
     train = train if train is not None else build_ecg_dataset(index_dir, root, config, "train", vocab)
     val = val if val is not None else build_ecg_dataset(index_dir, root, config, "val", vocab)
     d_text = train.text.shape[1] if train.text is not None else 384
@@ -428,7 +425,11 @@ def pretrain_ecg(config: EcgPretrainConfig, index_dir, root=None, out_dir=None, 
     if evaluate is not None and fresh and trainer.dist.is_main:
         metrics["val_before"] = evaluate(model)  # the chance-level starting point of every curve
     history = trainer.fit(resume=out_dir is not None)
-    metrics |= {"history": history, "step_log": trainer.step_log, "seconds": round(time.perf_counter() - t0, 2)}
+    metrics |= {
+        "history": history,
+        "step_log": trainer.step_log,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     if out_dir is not None and trainer.dist.is_main:
         out_dir = Path(out_dir)
         write_json(out_dir / "ecg_pretrain_config.json", to_dict(config))
@@ -436,6 +437,22 @@ def pretrain_ecg(config: EcgPretrainConfig, index_dir, root=None, out_dir=None, 
             vocab.save(out_dir / "code_vocab.json")
         write_json(out_dir / "metrics.json", metrics)
     return EcgPretrainResult(model, history, metrics, train, val, vocab)
+
+
+def space_terms(metrics: dict) -> pd.DataFrame:
+    """Each space's contrastive term from :func:`pretrain_ecg`'s metrics: validation before and after training,
+    and the mean of the first and last three logged training steps (one row per space)."""
+    last, before = metrics["history"][-1], metrics.get("val_before", {})
+    steps = pd.DataFrame(metrics.get("step_log") or [])
+    rows = {}
+    for key in (k for k in last if k.startswith("val/") and k.endswith("/contrastive_loss")):
+        space = key.split("/")[1]
+        row = {"val_before": before.get(key, np.nan), "val_after": last[key]}
+        if f"{space}/contrastive_loss" in steps:
+            term = steps[f"{space}/contrastive_loss"]
+            row |= {"train_first_steps": term.iloc[:3].mean(), "train_last_steps": term.iloc[-3:].mean()}
+        rows[space] = row
+    return pd.DataFrame(rows).T
 
 
 def load_ecg_pretrained(run_dir) -> tuple[torch.nn.Module, EcgPretrainConfig, Any]:
@@ -467,11 +484,21 @@ def add_ecg_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON file of EcgPretrainConfig fields overriding the preset")  # fmt: skip
 
 
+def _merge(base: dict, update: dict) -> dict:
+    """``base`` with ``update``'s values, nested objects merged key by key (``{"train": {"epochs": 3}}``)."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
 def config_from_args(args: argparse.Namespace) -> EcgPretrainConfig:
     """The preset's config with the ``ehrclip pretrain`` options applied (ECG-only ones when present)."""
     extra = getattr(args, "ecg_config", None)
-    base = json.loads(Path(extra).read_text()) if extra else {}
-    config = from_dict(EcgPretrainConfig, {**to_dict(ecg_preset(args.preset)), **base, "preset": args.preset})
+    fields = _merge(to_dict(ecg_preset(args.preset)), json.loads(Path(extra).read_text()) if extra else {})
+    config = from_dict(EcgPretrainConfig, {**fields, "preset": args.preset}, strict=True)
     updates = {"seed": args.seed, "progress": not getattr(args, "no_progress", False)}
     for key, name in (("loss", "loss"), ("text_model", "text_model"), ("text_mode", "ecg_text_mode")):
         if getattr(args, name, None):
@@ -491,7 +518,11 @@ def run_preset(args: argparse.Namespace) -> int:
         result = pretrain_ecg(config, args.cohort, getattr(args, "ecg_root", None), args.out, dist)
         if dist.is_main:
             last = (result.history or [{}])[-1]
-            shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float) and "/" in k}
+            shown = {
+                k: round(v, 4)
+                for k, v in last.items()
+                if k.endswith(("contrastive_loss", "2text_R@10", "2codes_R@10"))
+            }
             print(f"{config.preset}: {result.metrics['n_train']} train ECGs -> {args.out} "
                   f"({result.metrics['seconds']} s) {shown}")  # fmt: skip
     finally:

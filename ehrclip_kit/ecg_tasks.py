@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from ehrclip_kit.data.ecg import CANONICAL_LEADS, normalise
-from ehrclip_kit.ecg_pretrain import EcgPairs, EcgPretrainConfig, _embed_unique
+from ehrclip_kit.ecg_pretrain import EcgPairs, EcgPretrainConfig, embed_text_vectors
 from ehrclip_kit.evaluation import binary_metrics, mean_ci, subsample_labels
 from ehrclip_kit.ood import KNNDetector, MahalanobisDetector, add_noise, ood_auroc, reverse_time, swap_leads
 from ehrclip_kit.retrieval import DEFAULT_TEMPLATES, precision_recall_at_k, zero_shot_auroc, zero_shot_scores
@@ -47,6 +48,43 @@ DEFAULT_QUERIES = {
     "label_mi": "myocardial infarction",
     "label_normal": "normal ECG",
 }
+# PTB-XL diagnostic superclasses (columns superclass_<name> of a PTB-XL ecg-index).
+SUPERCLASS_QUERIES = {
+    "superclass_NORM": "normal ECG",
+    "superclass_MI": "myocardial infarction",
+    "superclass_STTC": "ST/T change",
+    "superclass_CD": "conduction disturbance",
+    "superclass_HYP": "hypertrophy",
+}
+# Findings the synthetic generator drew for each ECG (ecg_truth.parquet), as columns truth_<finding>.
+TRUTH_QUERIES = {
+    "truth_af": "atrial fibrillation",
+    "truth_lbbb": "left bundle branch block",
+    "truth_rbbb": "right bundle branch block",
+    "truth_avb1": "first degree AV block",
+    "truth_lvh": "left ventricular hypertrophy",
+    "truth_mi_inferior": "inferior myocardial infarction",
+    "truth_mi_anterior": "anterior myocardial infarction",
+}
+
+
+def with_truth(frame: pd.DataFrame, ecg_root) -> pd.DataFrame:
+    """``frame`` (ECG index rows) plus ``truth_<finding>`` 0/1 columns from a synthetic world's
+    ``ecg_truth.parquet`` (in ``ecg_root``, the folder the index paths are relative to), joined on study_id."""
+    from pathlib import Path
+
+    path = Path(ecg_root) / "ecg_truth.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: synthetic truth exists only for `ehrclip synth` worlds")
+    names = [k.removeprefix("truth_") for k in TRUTH_QUERIES]
+    truth = pd.read_parquet(path, columns=["study_id", *names])
+    truth = truth.rename(columns={n: f"truth_{n}" for n in names}).astype(
+        dict.fromkeys(["study_id"], "int64")
+    )
+    out = frame.merge(truth.astype({f"truth_{n}": "int8" for n in names}), on="study_id", how="left")
+    if out[f"truth_{names[0]}"].isna().any():
+        raise ValueError(f"{path}: some ECGs of the index have no synthetic truth row (another world?)")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ embedding
@@ -72,9 +110,9 @@ def query_space(model, query: str = "text") -> tuple[str, str]:
 def eval_crops(data: EcgPairs) -> np.ndarray:
     """Centre crops ``[n, leads, crop_len]`` of every ECG of ``data`` (what the model sees at evaluation)."""
     view = data.subset(np.arange(len(data)), train=False)
-    return (
-        np.stack([view.crop(i) for i in range(len(view))]) if len(view) else np.zeros((0, 12, 0), np.float32)
-    )
+    if not len(view):
+        return np.zeros((0, len(data.config.leads), data.config.crop_len), np.float32)
+    return np.stack([view.crop(i) for i in range(len(view))])
 
 
 @torch.no_grad()
@@ -84,16 +122,11 @@ def embed_ecgs(model, crops: np.ndarray | EcgPairs, name: str = "ecg", batch_siz
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    out = []
     try:
-        out = [
-            model.embed(
-                {"ecg": torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(device)}, name
-            )[name]
-            .float()
-            .cpu()
-            .numpy()
-            for i in range(0, len(x), batch_size)
-        ]
+        for i in range(0, len(x), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(device)
+            out.append(model.embed({"ecg": batch}, name)[name].float().cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
@@ -106,7 +139,7 @@ def embed_texts(
     """Texts through the frozen text model (cached) and the model's text head ``name`` (default: the one
     meeting the ECGs)."""
     name = name or query_space(model, "text")[1]
-    vectors = torch.from_numpy(_embed_unique(list(texts), config))
+    vectors = torch.from_numpy(embed_text_vectors(list(texts), config))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -168,7 +201,6 @@ def retrieval_widget(model, data: EcgPairs, ecg_emb: np.ndarray, config: EcgPret
                      value: str = "atrial fibrillation"):  # fmt: skip
     """A text box + button: type a query, see the ``k`` retrieved ECGs drawn as 12-lead plots."""
     import ipywidgets as widgets
-    from IPython.display import display
 
     from ehrclip_kit.viz import ecg_12lead
 
@@ -176,14 +208,20 @@ def retrieval_widget(model, data: EcgPairs, ecg_emb: np.ndarray, config: EcgPret
     button, out = widgets.Button(description="Retrieve ECGs"), widgets.Output()
 
     def show(_=None) -> None:
-        out.clear_output()
+        # The Output's contents are set directly instead of displaying inside `with out:`: no message
+        # capture, so it behaves the same in a live kernel and in headless runs (papermill / nbclient).
         scores, ids = retrieve(model, box.value, ecg_emb, config, k)
-        with out:
-            for rank, (s, i) in enumerate(zip(scores, ids, strict=True), start=1):
-                title = f"#{rank} (cosine {s:.3f}): {data.frame['report'].iloc[i]}"
-                display(ecg_12lead(data.waves[i], data.config.fs, CANONICAL_LEADS, seconds=5.0, title=title))
+        drawn = []
+        for rank, (s, i) in enumerate(zip(scores, ids, strict=True), start=1):
+            title = f"#{rank} (cosine {s:.3f}): {data.frame['report'].iloc[i]}"
+            fig = ecg_12lead(data.waves[i], data.config.fs, CANONICAL_LEADS, seconds=5.0, title=title)
+            # plotly's own mime bundle (what its notebook renderer sends), independent of pio.renderers.
+            bundle = {"application/vnd.plotly.v1+json": json.loads(fig.to_json()), "text/plain": title}
+            drawn.append({"output_type": "display_data", "data": bundle, "metadata": {}})
+        out.outputs = tuple(drawn)
 
     button.on_click(show)
+    show()  # the first query's answer is there before any click
     return widgets.VBox([widgets.HBox([box, button]), out])
 
 
@@ -248,6 +286,7 @@ class EcgFinetuneConfig:
     batch_size: int = 64
     freeze_encoder: bool = False  # True: linear probe
     n_boot: int = 200
+    device: str = "auto"  # "auto": CUDA when available
     progress: bool = False
 
 
@@ -265,40 +304,45 @@ def finetune_ecg(encoder_factory: Callable[[], nn.Module], state: Mapping[str, t
     rows = subsample_labels(frame, fraction, seed)["_row"].to_numpy()
     y_train = frame["label"].to_numpy()[rows].astype(np.float32)
     data = train.subset(rows, train=True)
+    device = torch.device(
+        config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
     gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # init and dropout from `seed`; the caller's RNG is left as it was
         torch.manual_seed(seed)
         encoder = encoder_factory()
         if state is not None:
             encoder.load_state_dict(state)
         head = nn.Linear(encoder.out_dim, 1)
-    encoder.requires_grad_(not config.freeze_encoder)
-    params = [p for p in [*encoder.parameters(), *head.parameters()] if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    pos = max(float(y_train.sum()), 1.0)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(y_train) - pos) / pos))
-    per_epoch = max(1, math.ceil(len(rows) / config.batch_size))
-    epochs = max(config.epochs, math.ceil(config.min_steps / per_epoch))
-    curve = []
-    for epoch in tqdm(range(epochs), desc=f"fine-tune {fraction:g}", disable=not config.progress):
-        data.set_epoch(epoch)
-        order, total = torch.randperm(len(rows), generator=gen).numpy(), 0.0
-        encoder.train(not config.freeze_encoder)
-        for b in range(per_epoch):
-            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
-            x = torch.from_numpy(np.stack([data.crop(i) for i in idx]))
-            loss = loss_fn(head(encoder(x)).squeeze(-1), torch.from_numpy(y_train[idx]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss) * len(idx)
-        curve.append(total / len(rows))
+        encoder, head = encoder.to(device), head.to(device)
+        encoder.requires_grad_(not config.freeze_encoder)
+        params = [p for p in [*encoder.parameters(), *head.parameters()] if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        pos = max(float(y_train.sum()), 1.0)
+        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(y_train) - pos) / pos, device=device))
+        per_epoch = max(1, math.ceil(len(rows) / config.batch_size))
+        epochs = max(config.epochs, math.ceil(config.min_steps / per_epoch))
+        curve = []
+        for epoch in tqdm(range(epochs), desc=f"fine-tune {fraction:g}", disable=not config.progress):
+            data.set_epoch(epoch)
+            order, total = torch.randperm(len(rows), generator=gen).numpy(), 0.0
+            encoder.train(not config.freeze_encoder)
+            for b in range(per_epoch):
+                idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+                x = torch.from_numpy(np.stack([data.crop(i) for i in idx])).to(device)
+                loss = loss_fn(head(encoder(x)).squeeze(-1), torch.from_numpy(y_train[idx]).to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+            curve.append(total / len(rows))
     encoder.eval()
     with torch.no_grad():
         crops = torch.from_numpy(eval_crops(test))
-        p = torch.cat(
-            [torch.sigmoid(head(encoder(crops[i : i + 256]))).squeeze(-1) for i in range(0, len(crops), 256)]
-        )
+        p = torch.cat([torch.sigmoid(head(encoder(crops[i : i + 256].to(device)))).squeeze(-1).cpu()
+                       for i in range(0, len(crops), 256)])  # fmt: skip
     metrics = binary_metrics(
         test.frame[label].to_numpy().astype(int), p.numpy(), n_boot=config.n_boot, seed=seed
     )
@@ -312,7 +356,8 @@ def label_efficiency(encoder_factory: Callable[[], nn.Module], inits: Mapping[st
     """Every init (``{"pretrained": state, "random": None}``) x fraction x seed; returns (runs, summary).
 
     ``summary`` has the columns :func:`ehrclip_kit.viz.label_efficiency` draws: task, method,
-    label_fraction, metric, mean, ci_low, ci_high, n (CI over seeds, :func:`ehrclip_kit.evaluation.mean_ci`).
+    label_fraction, metric, mean, ci_low, ci_high, n (CI over seeds, :func:`ehrclip_kit.evaluation.mean_ci`,
+    clipped to [0, 1]).
     """
     runs = []
     for method, state in inits.items():
@@ -325,6 +370,31 @@ def label_efficiency(encoder_factory: Callable[[], nn.Module], inits: Mapping[st
     for (method, fraction), part in runs.groupby(["method", "label_fraction"], sort=False):
         for metric in ("auroc", "auprc"):
             mean, lo, hi = mean_ci(part[metric])
+            lo, hi = max(lo, 0.0), min(hi, 1.0)  # a t-interval over few seeds can leave [0, 1]
             summary.append({"task": label, "method": method, "label_fraction": fraction, "metric": metric,
                             "mean": mean, "ci_low": lo, "ci_high": hi, "n": len(part)})  # fmt: skip
     return runs, pd.DataFrame(summary)
+
+
+def finetune_curves(runs: pd.DataFrame) -> list[dict]:
+    """Mean training loss per epoch of each (method, label fraction), as rows for
+    :func:`ehrclip_kit.viz.training_curves` (small fractions run more epochs: see ``min_steps``)."""
+    rows: dict[int, dict] = {}
+    for (method, fraction), part in runs.groupby(["method", "label_fraction"], sort=False):
+        curves = part["loss_curve"].tolist()
+        width = max(map(len, curves))
+        mean = np.nanmean([list(c) + [np.nan] * (width - len(c)) for c in curves], axis=0)
+        for epoch, value in enumerate(mean, start=1):
+            rows.setdefault(epoch, {"epoch": epoch})[f"{method} {fraction:.0%} loss"] = float(value)
+    return [rows[e] for e in sorted(rows)]
+
+
+def ptbxl_crops(root, config: EcgPretrainConfig) -> tuple[pd.DataFrame, np.ndarray]:
+    """A PTB-XL folder's validated records (the PTB-XL recipe) as centre crops: an external OOD set."""
+    from ehrclip_kit.data.ecg import center_crop
+    from ehrclip_kit.data.ecg_index import build_ptbxl_index
+    from ehrclip_kit.ecg_pretrain import load_waveforms
+
+    frame, _, _ = build_ptbxl_index(root, fs=config.ecg.fs)
+    waves = load_waveforms(frame, root, config.ecg, config.record_seconds, config.cache_dir, config.progress)
+    return frame, np.stack([center_crop(w, config.ecg.crop_len) for w in waves])

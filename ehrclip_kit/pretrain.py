@@ -93,7 +93,11 @@ def note_vectors(texts: list[str], config: PretrainConfig) -> np.ndarray:
     from ehrclip_kit.text_cache import cached_note_embeddings
 
     return cached_note_embeddings(
-        pd.DataFrame({"text": texts}), config.text.model, config.cache_dir, config.text, progress=config.progress
+        pd.DataFrame({"text": texts}),
+        config.text.model,
+        config.cache_dir,
+        config.text,
+        progress=config.progress,
     )
 
 
@@ -234,7 +238,9 @@ def load_pretrained(run_dir: str | Path) -> tuple[TabNetEhrEncoder, TabularPrepr
     run_dir = Path(run_dir)
     for name in ("preprocessor.json", "encoder.safetensors", "pretrain_config.json"):
         if not (run_dir / name).exists():
-            raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} an `ehrclip pretrain` run folder?")
+            raise FileNotFoundError(
+                f"{run_dir / name} not found: is {run_dir} an `ehrclip pretrain` run folder?"
+            )
     config = from_dict(PretrainConfig, json.loads((run_dir / "pretrain_config.json").read_text()))
     preprocessor = TabularPreprocessor.load(run_dir / "preprocessor.json")
     encoder = TabNetEhrEncoder.from_preprocessor(preprocessor, config.tabnet)
@@ -261,16 +267,22 @@ def preset(name: str) -> PretrainConfig:
         )
     if name == "paper":
         return PretrainConfig()
-    raise ValueError(f"unknown preset {name!r}; choose smoke, workshop or paper (or ecg-fac/ecg-codes/ecg-text)")
+    raise ValueError(
+        f"unknown preset {name!r}; choose smoke, workshop or paper (or ecg-fac/ecg-codes/ecg-text)"
+    )
 
 
 ECG_PRESETS = ("ecg-fac", "ecg-codes", "ecg-text")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cohort", type=Path, required=True, help="cohort folder (ehrclip cohort / ecg-index)")
+    parser.add_argument(
+        "--cohort", type=Path, required=True, help="cohort folder (ehrclip cohort / ecg-index)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="run folder to write")
-    parser.add_argument("--preset", default="workshop", help="smoke | workshop | paper | ecg-fac | ecg-codes | ecg-text")
+    parser.add_argument(
+        "--preset", default="workshop", help="smoke | workshop | paper | ecg-fac | ecg-codes | ecg-text"
+    )
     parser.add_argument("--task", default="readmission_30d")
     parser.add_argument("--stages", default="masked,contrastive", help="comma list of masked, contrastive")
     parser.add_argument("--text-model", default=None, help="local folder or hub id (default: offline MiniLM)")
@@ -294,7 +306,9 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     if args.freeze_text_layers is not None:
         text_updates["freeze_layers"] = args.freeze_text_layers
     config.text = dataclasses.replace(config.text, **text_updates)
-    train_updates = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr)) if v}
+    train_updates = {
+        k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr)) if v
+    }
     config.contrastive = dataclasses.replace(config.contrastive, **train_updates)
     return config
 

@@ -10,6 +10,9 @@ from being trivial.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -81,3 +84,14 @@ def splits(tiny_cohort):
     out = {s: frame[frame["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
     out["spec"] = spec
     return out
+
+
+# Note embeddings are cached on disk by content hash (ehrclip_kit.text_cache): tests and the CLI processes
+# they start share one cache, so every distinct note set is embedded by MiniLM once per checkout.
+NOTE_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "ehrclip-tests"
+os.environ.setdefault("EHRCLIP_CACHE", str(NOTE_CACHE))
+
+
+@pytest.fixture(scope="session")
+def note_cache() -> Path:
+    return Path(os.environ["EHRCLIP_CACHE"])

@@ -333,9 +333,21 @@ def test_gzip_header_only_tables_and_task_subset(tmp_path):
 def test_unreadable_value_names_file_line_and_column(tmp_path):
     labs = [dict(subject_id=1, hadm_id="abc", itemid=50912, charttime="2150-01-02", valuenum=1.0)]
     world = make_world(tmp_path / "w", {"hosp/admissions": _simple_admissions([1]), "hosp/labevents": labs})
+    (world / "note").mkdir()  # notes are cleaned in the background meanwhile: the failure must stop that too
+    note = dict(note_id="1", subject_id=1, hadm_id=10, note_type="DS", note_seq=1, text="x")
+    pd.DataFrame([note]).to_csv(world / "note" / "discharge.csv.gz", index=False, compression="gzip")
     with pytest.raises(CohortInputError) as err:
         build_cohort(world, tmp_path / "out", verbose=False)
     message = str(err.value)
     assert 'column "hadm_id"' in message and "Line: 2" in message
     assert f"file = {world / 'hosp' / 'labevents.csv.gz'}" in message
-    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["w"]  # no OUT, no temporary folders
+    # A notes file without its text column is named before any work starts.
+    pd.DataFrame([note]).drop(columns="text").to_csv(
+        world / "note" / "discharge.csv.gz", index=False, compression="gzip"
+    )
+    with pytest.raises(CohortInputError, match="column 'text' missing from .*note/discharge.csv.gz"):
+        build_cohort(
+            make_world(tmp_path / "w", {"hosp/admissions": _simple_admissions([1])}), tmp_path / "out"
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["w"]

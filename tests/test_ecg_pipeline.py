@@ -70,7 +70,9 @@ def test_fac_model_comes_from_the_general_factory_and_no_new_class_is_defined(in
     ]
     assert model.head_sources["ecg_coarse"] == "ecg_fine" and model.head_sources["ecg_fine"] == "ecg"
     for module in (ep, et):  # the pipeline defines datasets and helpers, never a model class
-        defined = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+        defined = [
+            c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__
+        ]
         assert not [c for c in defined if issubclass(c, nn.Module)]
     pair = ep.build_model(ep.ecg_preset("ecg-text"), None, d_text=384)
     assert type(pair) is ContrastiveModel and [s.name for s in pair.spaces] == ["ecg_text"]
@@ -90,19 +92,37 @@ def test_fac_training_decreases_both_space_terms(index_dir, tmp_path_factory):
         assert after[key] < before[key], (space, before[key], after[key])
 
 
-def test_zero_shot_text_query_retrieves_atrial_fibrillation_above_chance(text_model, held_out):
+def test_zero_shot_text_query_retrieves_atrial_fibrillation_above_chance(index_dir, text_model, held_out):
     config, result = text_model
     frame, crops = held_out
+    frame = et.with_truth(frame, ep.read_index(index_dir)[1])  # the findings the generator drew
     model = result.model.eval()
     ecg_head, text_head = et.query_space(model, "text")
     assert (ecg_head, text_head) == ("ecg_proj", "text_proj")
-    found = et.zero_shot(model, et.embed_ecgs(model, crops, ecg_head), frame, config, ks=(10,))
-    af = found["retrieval"].set_index("label").loc["label_af"]
-    assert 0.03 < af["prevalence"] < 0.4
-    assert af["precision"] >= 2 * af["prevalence"], af.to_dict()
-    assert found["auroc"].loc["label_af", "auroc"] > 0.6
-    scores, ids = et.retrieve(model, "atrial fibrillation", et.embed_ecgs(model, crops, ecg_head), config, k=10)
-    assert (np.diff(scores) <= 0).all() and frame["label_af"].to_numpy()[ids].mean() == af["precision"]
+    emb = et.embed_ecgs(model, crops, ecg_head)
+    queries = {
+        "truth_af": "atrial fibrillation",
+        "label_af": "atrial fibrillation",
+        "label_lvh": "left ventricular hypertrophy",
+    }
+    found = et.zero_shot(model, emb, frame, config, queries, ks=(10,))
+    retrieval = found["retrieval"].set_index("label")
+    for label in ("truth_af", "label_af"):  # synthetic truth and machine statements
+        row = retrieval.loc[label]
+        assert 0.03 < row["prevalence"] < 0.4
+        assert row["precision"] >= 2 * row["prevalence"], row.to_dict()
+    assert found["auroc"].loc["label_af", "auroc"] > 0.6 and found["auroc"].loc["label_lvh", "auroc"] > 0.8
+    scores, ids = et.retrieve(model, "atrial fibrillation", emb, config, k=10)
+    assert (np.diff(scores) <= 0).all()
+    assert frame["label_af"].to_numpy()[ids].mean() == retrieval.loc["label_af", "precision"]
+    test = ep.build_ecg_dataset(index_dir, None, config, "test", only=("ecg",))
+    widget = et.retrieval_widget(model, test, et.embed_ecgs(model, test, ecg_head), config, k=2)
+    (box, button), output = widget.children[0].children, widget.children[1]
+    first = [o["data"]["text/plain"] for o in output.outputs]
+    assert len(first) == 2 and all("application/vnd.plotly.v1+json" in o["data"] for o in output.outputs)
+    box.value = "left ventricular hypertrophy"
+    button.click()  # what pressing the button does
+    assert [o["data"]["text/plain"] for o in output.outputs] != first
 
 
 def test_ood_detects_heavily_noised_and_lead_swapped_ecgs(text_model, held_out):
@@ -152,16 +172,26 @@ def test_text_modes_pick_statements_notes_or_entities(index_dir):
         ep.ecg_texts(index_dir, frame, "tweets")
 
 
-def test_cli_preset_writes_a_checkpoint_that_loads_back(index_dir, tmp_path, tmp_path_factory):
+def test_cli_preset_writes_a_checkpoint_that_loads_back(index_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("EHRCLIP_CACHE", str(tmp_path / "cache"))  # the CLI's default cache folder
+    overrides = tmp_path / "ecg.json"  # nested objects merge into the preset's, key by key
+    overrides.write_text('{"codes": {"hidden": 32, "heads": 2}, "train": {"max_steps": 3}}')
     args = argparse.Namespace(
         preset="ecg-codes", cohort=index_dir, out=tmp_path / "run", seed=0, epochs=1, batch_size=64, lr=1e-3,
-        no_progress=True, loss=None, text_model=None,
+        no_progress=True, loss=None, text_model=None, ecg_config=overrides, ecg_text_mode="entity",
     )  # fmt: skip
     assert ep.run_preset(args) == 0
-    for name in ("checkpoint/model.safetensors", "ecg_pretrain_config.json", "code_vocab.json", "metrics.json"):
+    for name in (
+        "checkpoint/model.safetensors",
+        "ecg_pretrain_config.json",
+        "code_vocab.json",
+        "metrics.json",
+    ):
         assert (tmp_path / "run" / name).exists(), name
     model, config, vocab = ep.load_ecg_pretrained(tmp_path / "run")
-    assert config.preset == "ecg-codes" and vocab is not None
+    assert config.preset == "ecg-codes" and vocab is not None and config.text_mode == "entity"
+    assert config.codes["hidden"] == 32 and config.codes["layers"] == 2 and config.train.max_steps == 3
+    assert config.train.epochs == 1 and model.encoders["codes"].out_dim == 32
     x = torch.randn(3, 12, 500)
     assert torch.allclose(model.embed({"ecg": x}, "ecg_proj")["ecg_proj"].norm(dim=-1), torch.ones(3))
     state = encoder_state(tmp_path / "run" / "checkpoint", "ecg")
@@ -183,3 +213,6 @@ def test_fine_tuning_summary_has_a_ci_per_method_and_fraction(text_model, index_
     assert runs.loc[runs["label_fraction"] == 0.1, "n_train"].max() < runs["n_train"].max()
     auroc = summary[summary["metric"] == "auroc"]
     assert len(auroc) == 4 and (auroc["ci_low"] <= auroc["mean"]).all() and (auroc["n"] == 2).all()
+    again = et.finetune_ecg(factory, inits["pretrained"], train, test, "label_af", 0.1, 1, ft)
+    first = runs.query("method == 'pretrained' and label_fraction == 0.1 and seed == 1").iloc[0]
+    assert again["auroc"] == first["auroc"] and again["loss_curve"] == first["loss_curve"]  # seeded

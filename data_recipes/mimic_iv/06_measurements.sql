@@ -19,12 +19,11 @@ SELECT m.fid, m.source, r.subject_id, r.hadm_id,
     TRY_CAST(r.charttime AS TIMESTAMP) AS charttime,
     TRY_CAST(r.valuenum AS DOUBLE) AS valuenum,
     TRY_CAST(r.charttime AS TIMESTAMP) IS NULL AS bad_time,
-    (r.valuenum IS NOT NULL AND TRY_CAST(r.valuenum AS DOUBLE) IS NULL) AS bad_value,
-    (r.hadm_id IS NOT NULL AND a.hadm_id IS NULL) AS unknown_hadm
+    (r.valuenum IS NOT NULL AND TRY_CAST(r.valuenum AS DOUBLE) IS NULL) AS bad_value
 FROM raw r
-JOIN meas_items m ON m.itemid = r.itemid
-LEFT JOIN adm a ON a.hadm_id = r.hadm_id;
+JOIN meas_items m ON m.itemid = r.itemid;
 
+-- Rows whose hadm_id is not a usable admission never link (below); they are counted here.
 INSERT INTO attrition
 SELECT 'input', 7 + (s.source <> 'hosp/labevents')::INTEGER, s.source || ' (catalogued itemids)', count(m.fid),
     count(m.fid) FILTER (WHERE m.bad_time OR m.bad_value OR m.unknown_hadm OR m.valuenum IS NULL),
@@ -36,13 +35,16 @@ SELECT 'input', 7 + (s.source <> 'hosp/labevents')::INTEGER, s.source || ' (cata
         count(m.fid) FILTER (WHERE m.unknown_hadm AND NOT (m.bad_time OR m.bad_value)),
         count(m.fid) FILTER (WHERE m.valuenum IS NULL AND NOT (m.bad_time OR m.bad_value OR m.unknown_hadm)))
 FROM (SELECT DISTINCT source FROM meas_items) s
-LEFT JOIN meas m ON m.source = s.source
+LEFT JOIN (
+    SELECT x.*, (x.hadm_id IS NOT NULL AND a.hadm_id IS NULL) AS unknown_hadm
+    FROM meas x LEFT JOIN adm a ON a.hadm_id = x.hadm_id
+) m ON m.source = s.source
 GROUP BY s.source;
 
 CREATE OR REPLACE TABLE meas_agg AS
 WITH usable AS (
     SELECT fid, subject_id, hadm_id, charttime, valuenum FROM meas
-    WHERE NOT (bad_time OR bad_value OR unknown_hadm) AND valuenum IS NOT NULL
+    WHERE NOT (bad_time OR bad_value) AND valuenum IS NOT NULL
 ), linked AS (
     SELECT w.task, w.hadm_id, u.fid, u.charttime, u.valuenum
     FROM usable u JOIN task_windows w ON w.hadm_id = u.hadm_id

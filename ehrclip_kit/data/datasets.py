@@ -40,7 +40,9 @@ def load_notes(cohort: str | Path) -> pd.DataFrame:
     """``notes.parquet`` of a cohort (one cleaned discharge note per admission)."""
     path = Path(cohort) / "notes.parquet"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: contrastive EHR-note pretraining needs the notes (--notes)")
+        raise FileNotFoundError(
+            f"{path} not found: contrastive EHR-note pretraining needs the notes (--notes)"
+        )
     notes = pd.read_parquet(path)
     for column in ("hadm_id", "text"):
         if column not in notes.columns:

@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -167,6 +168,7 @@ def build_cohort(
     work = Path(
         tempfile.mkdtemp(prefix=f".{out.name}.duckdb-", dir=out.parent if out.parent.is_dir() else None)
     )
+    notes_job = None
     con = duckdb.connect(str(work / "cohort.duckdb"), config={
         "memory_limit": memory_limit, "threads": n_threads,
         "temp_directory": str(work / "spill"), "preserve_insertion_order": False,
@@ -176,15 +178,16 @@ def build_cohort(
         for t in INPUTS:
             register_input(con, t, paths[t.name], "src_" + t.name.split("/")[1])
         if notes_path is not None:
-            register_input(con, NOTES, notes_path, "src_notes")
+            register_input(con, NOTES, notes_path, "src_notes")  # checks the header now, before any work
+            notes_job = _NotesJob(notes_path, work, n_threads)  # cleans notes while the SQL below runs
         _register_catalogue(con, include_vitals)
         timings = _run_recipes(con, root, tasks, include_vitals, verbose)
         with io.atomic_dir(out) as tmp:
             summary = _write_outputs(con, tmp, root, tasks, specs, max_missing, say)
-            if notes_path is not None:
+            if notes_job is not None:
                 t0 = time.perf_counter()
-                summary["notes"] = _write_notes(con, tmp / "notes.parquet", n_threads)
-                timings["notes"] = round(time.perf_counter() - t0, 2)
+                summary["notes"] = notes_job.finish(con, tmp / "notes.parquet")
+                timings["notes_wait"] = round(time.perf_counter() - t0, 2)
             elif include_notes:
                 say(
                     f"notice: no notes found (looked for {root / 'note'}/discharge.csv.gz); notes.parquet skipped"
@@ -196,6 +199,8 @@ def build_cohort(
             _report(attrition, summary, max_missing, say)
     finally:
         con.close()
+        if notes_job is not None:
+            notes_job.stop()  # after a failure elsewhere; its files live in ``work``
         shutil.rmtree(work, ignore_errors=True)
     return summary
 
@@ -343,50 +348,91 @@ def _fit_on_train(con, specs, max_missing: float):
     return kept, dropped, categories, n_train
 
 
-def _write_notes(con, path: Path, workers: int) -> int:
-    """Discharge notes of usable admissions, one row per hadm_id (several notes joined in note_seq order)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+class _NotesJob:
+    """Clean every discharge summary in a background thread (a process pool for big files).
 
-    con.execute("""INSERT INTO attrition
-        SELECT 'input', 9, 'note/discharge', count(*), count(*) FILTER (WHERE bad), count(*) FILTER (WHERE NOT bad),
-            printf('%d without hadm_id; %d hadm_id not among the usable admissions; %d note_type not DS',
-                count(*) FILTER (WHERE no_id), count(*) FILTER (WHERE unknown), count(*) FILTER (WHERE not_ds))
-        FROM (SELECT *, no_id OR unknown OR not_ds AS bad FROM (
-            SELECT n.hadm_id IS NULL AS no_id, n.hadm_id IS NOT NULL AND a.hadm_id IS NULL AS unknown,
-                coalesce(n.note_type, 'DS') <> 'DS' AS not_ds
-            FROM src_notes n LEFT JOIN adm a ON a.hadm_id = n.hadm_id))""")
-    n_usable = con.sql("SELECT n_after FROM attrition WHERE step = 'note/discharge'").fetchall()[0][0]
-    reader = con.sql(
-        "SELECT a.subject_id, n.hadm_id, n.text FROM src_notes n JOIN adm a ON a.hadm_id = n.hadm_id "
-        "WHERE coalesce(n.note_type, 'DS') = 'DS' ORDER BY n.hadm_id, n.note_seq"
-    ).to_arrow_reader(4096)
-    schema = pa.schema([("subject_id", pa.int64()), ("hadm_id", pa.int64()), ("text", pa.string())])
-    groups = _note_groups(reader)
-    n = 0
-    # Cleaning is pure Python (regexes per note): worth a process pool only for many notes.
-    with pq.ParquetWriter(path, schema) as writer, _note_cleaner(workers if n_usable > 5000 else 1) as clean:
-        while chunk := list(itertools.islice(groups, 4096)):
-            subject, hadm, raw = zip(*chunk, strict=True)
-            writer.write_table(pa.table([list(subject), list(hadm), clean(raw)], schema=schema))
-            n += len(chunk)
-    return n
+    The SQL recipes mostly wait on single-threaded gzip CSV parsing, so note cleaning (pure Python, slow)
+    overlaps with them. ``finish`` keeps the notes of usable admissions, one row per hadm_id (several
+    notes joined in note_seq order), and records the attrition row.
+    """
+
+    def __init__(self, path: Path, work: Path, workers: int):
+        self.clean_path, self.counts, self.error = work / "notes_clean.parquet", {}, None
+        self._cancel = threading.Event()
+        # a pool costs a second of start-up: worth it from a few thousand notes on (~10 MB compressed)
+        workers = workers if path.stat().st_size > 10_000_000 else 1
+        self.thread = threading.Thread(target=self._run, args=(path, work, workers), daemon=True)
+        self.thread.start()
+
+    def _run(self, path: Path, work: Path, workers: int) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            con = duckdb.connect(
+                config={"threads": 1, "memory_limit": "2GB", "temp_directory": str(work / "spill_notes")}
+            )
+            register_input(con, NOTES, path, "src_notes")
+            con.execute("SET enable_progress_bar = false")
+            (self.counts["n"], self.counts["no_id"], self.counts["not_ds"]) = con.sql(
+                "SELECT count(*), count(*) FILTER (WHERE hadm_id IS NULL), "
+                "count(*) FILTER (WHERE hadm_id IS NOT NULL AND coalesce(note_type, 'DS') <> 'DS') FROM src_notes"
+            ).fetchall()[0]
+            reader = con.sql(
+                "SELECT hadm_id, text FROM src_notes WHERE hadm_id IS NOT NULL AND coalesce(note_type, 'DS') = 'DS' "
+                "ORDER BY hadm_id, note_seq"
+            ).to_arrow_reader(4096)
+            schema = pa.schema([("hadm_id", pa.int64()), ("n_notes", pa.int64()), ("text", pa.string())])
+            groups = _note_groups(reader)
+            with pq.ParquetWriter(self.clean_path, schema) as writer, _note_cleaner(workers) as clean:
+                while not self._cancel.is_set() and (chunk := list(itertools.islice(groups, 4096))):
+                    hadm, n, raw = zip(*chunk, strict=True)
+                    writer.write_table(pa.table([list(hadm), list(n), clean(raw)], schema=schema))
+            con.close()
+        except duckdb.Error as err:
+            self.error = CohortInputError(f"reading {path} failed: {_brief(err)}")
+        except BaseException as err:  # noqa: BLE001 -- re-raised in the main thread by finish()
+            self.error = err
+
+    def stop(self) -> None:
+        self._cancel.set()
+        self.thread.join()
+
+    def finish(self, con, out: Path) -> int:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        clean = _sql_str(self.clean_path)
+        n_unknown = con.sql(
+            f"SELECT coalesce(sum(n_notes), 0) FROM read_parquet({clean}) c ANTI JOIN adm a ON a.hadm_id = c.hadm_id"
+        ).fetchall()[0][0]
+        n, no_id, not_ds = self.counts["n"], self.counts["no_id"], self.counts["not_ds"]
+        bad = no_id + not_ds + n_unknown
+        reason = f"{no_id} without hadm_id; {n_unknown} hadm_id not among the usable admissions; {not_ds} note_type not DS"
+        con.execute(
+            "INSERT INTO attrition VALUES ('input', 9, 'note/discharge', ?, ?, ?, ?)",
+            [n, bad, n - bad, reason],
+        )
+        con.execute(
+            f"COPY (SELECT a.subject_id, c.hadm_id, c.text FROM read_parquet({clean}) c "
+            f"JOIN adm a ON a.hadm_id = c.hadm_id ORDER BY c.hadm_id) TO {_sql_str(out)} (FORMAT parquet)"
+        )
+        return con.sql(f"SELECT count(*) FROM read_parquet({_sql_str(out)})").fetchall()[0][0]
 
 
 def _note_groups(reader):
-    """(subject_id, hadm_id, raw text) per admission from batches of rows sorted by hadm_id, note_seq."""
-    current = None
+    """(hadm_id, number of notes, raw text) per admission from batches of rows sorted by hadm_id, note_seq."""
+    hadm, texts = None, []
     for batch in reader:
         cols = batch.to_pydict()
-        for subject, hadm, text in zip(cols["subject_id"], cols["hadm_id"], cols["text"], strict=True):
-            if current is not None and current[1] == hadm:
-                current[2].append(text)
-                continue
-            if current is not None:
-                yield current[0], current[1], "\n\n".join(t for t in current[2] if t)
-            current = (subject, hadm, [text])
-    if current is not None:
-        yield current[0], current[1], "\n\n".join(t for t in current[2] if t)
+        for h, text in zip(cols["hadm_id"], cols["text"], strict=True):
+            if texts and h != hadm:
+                yield hadm, len(texts), "\n\n".join(t for t in texts if t)
+                texts = []
+            hadm = h
+            texts.append(text)
+    if texts:
+        yield hadm, len(texts), "\n\n".join(t for t in texts if t)
 
 
 @contextlib.contextmanager

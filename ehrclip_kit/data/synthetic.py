@@ -19,8 +19,10 @@ The generative story (full version with every number in ``data_recipes/synthetic
    real date 2015-10-01), drugs, procedures, ICU stays and transfers. Social factors barely show.
 4. **The discharge note** states conditions and social factors explicitly (synonyms, severity words,
    negations, noise). With ``text_signal = s`` every statement describes the true state with probability s
-   and an independent draw from the same prior otherwise: at s = 0 the note says nothing about the latent
-   state beyond what the tables show (age, sex, drugs, death).
+   and an independent draw from the same prior (given age and sex) otherwise; the sections copied from the
+   tables (drugs, procedures, disposition) come from a random other admission with probability 1 - s. At
+   s = 0 the note says nothing about the patient beyond age and sex, so it carries no outcome-relevant
+   information the tables lack; at s = 1 it states the latent conditions nearly always correctly.
 
 ``DIR/truth.parquet`` keeps the latent state per admission. Deterministic for a seed (byte-identical files).
 
@@ -36,27 +38,32 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from ehrclip_kit.data import synthetic_catalog as cat
+from ehrclip_kit.data.synthetic_codes import diagnoses_tables, procedures_tables
+from ehrclip_kit.data.synthetic_io import perm_ids, write_table
 from ehrclip_kit.data.synthetic_labs import write_labevents
-from ehrclip_kit.data.synthetic_notes import DISPOSITION as cat_disp
-from ehrclip_kit.data.synthetic_notes import render_notes
+from ehrclip_kit.data.synthetic_notes import write_notes
 from ehrclip_kit.data.synthetic_tables import (
-    _perm_ids,
     admissions_table,
-    diagnoses_tables,
     patients_table,
     prescriptions_table,
-    procedures_tables,
     transfers_tables,
-    ts,
-    write_table,
 )
 from ehrclip_kit.io import atomic_dir
 
-CHRONIC = ("heart_failure", "atrial_fibrillation", "myocardial_infarction", "hypertension", "conduction_disease",
-           "ckd", "copd", "diabetes", "cirrhosis", "cancer")
+CHRONIC = (
+    "heart_failure",
+    "atrial_fibrillation",
+    "myocardial_infarction",
+    "hypertension",
+    "conduction_disease",
+    "ckd",
+    "copd",
+    "diabetes",
+    "cirrhosis",
+    "cancer",
+)
 ACUTE = ("sepsis", "pneumonia", "acute_mi")
 CONDITIONS = CHRONIC + ACUTE
 SOCIAL = ("lives_alone", "housing_instability", "substance_use", "nonadherence")
@@ -67,17 +74,45 @@ DAY, HOUR, MINUTE = 86400, 3600, 60
 # cirrhosis, COPD, cancer, CKD, social factors), not on how sick the admission looks overall: sepsis,
 # acute MI, hypertension or diabetes leave heavy footprints in the tables but barely move it.
 READMISSION_MODEL = {
-    "intercept": -2.75, "age": 0.0, "severity": (0.2, 1.6, 2),
-    "conditions": {"heart_failure": 1.8, "atrial_fibrillation": 0.0, "myocardial_infarction": 0.1,
-                   "hypertension": 0.0, "conduction_disease": 0.0, "ckd": 1.1, "copd": 1.5, "diabetes": 0.1,
-                   "cirrhosis": 1.9, "cancer": 1.5, "sepsis": 0.0, "pneumonia": 0.1, "acute_mi": -0.5},
+    "intercept": -2.95,
+    "age": 0.0,
+    "severity": (0.2, 1.6, 2),
+    "conditions": {
+        "heart_failure": 1.8,
+        "atrial_fibrillation": 0.0,
+        "myocardial_infarction": 0.1,
+        "hypertension": 0.0,
+        "conduction_disease": 0.0,
+        "ckd": 1.1,
+        "copd": 1.5,
+        "diabetes": 0.1,
+        "cirrhosis": 1.9,
+        "cancer": 1.5,
+        "sepsis": 0.0,
+        "pneumonia": 0.1,
+        "acute_mi": -0.5,
+    },
     "social": {"lives_alone": 0.4, "housing_instability": 0.6, "substance_use": 0.5, "nonadherence": 0.7},
 }
 CRITICAL_MODEL = {
-    "intercept": -3.35, "age": 0.15, "severity": (0.4, 1.2, 1),
-    "conditions": {"heart_failure": 0.7, "atrial_fibrillation": 0.15, "myocardial_infarction": 0.15,
-                   "hypertension": 0.0, "conduction_disease": 0.1, "ckd": 0.45, "copd": 0.55, "diabetes": 0.15,
-                   "cirrhosis": 0.9, "cancer": 0.6, "sepsis": 1.9, "pneumonia": 1.0, "acute_mi": 1.5},
+    "intercept": -3.35,
+    "age": 0.15,
+    "severity": (0.4, 1.2, 1),
+    "conditions": {
+        "heart_failure": 0.7,
+        "atrial_fibrillation": 0.15,
+        "myocardial_infarction": 0.15,
+        "hypertension": 0.0,
+        "conduction_disease": 0.1,
+        "ckd": 0.45,
+        "copd": 0.55,
+        "diabetes": 0.15,
+        "cirrhosis": 0.9,
+        "cancer": 0.6,
+        "sepsis": 1.9,
+        "pneumonia": 1.0,
+        "acute_mi": 1.5,
+    },
     "social": {"substance_use": 0.2},
 }
 
@@ -115,7 +150,9 @@ def sample_latent(rng: np.random.Generator, age: np.ndarray, male: np.ndarray) -
     c["atrial_fibrillation"] = draw(-2.0 + 0.7 * a + 0.3 * c["hypertension"])
     hf = -2.4 + 0.5 * a + 0.4 * z1 + 1.0 * c["myocardial_infarction"] + 0.6 * c["atrial_fibrillation"]
     c["heart_failure"] = draw(hf + 0.4 * c["hypertension"] + 0.3 * c["ckd"])
-    c["conduction_disease"] = draw(-2.8 + 0.5 * a + 0.5 * c["myocardial_infarction"] + 0.3 * c["heart_failure"])
+    c["conduction_disease"] = draw(
+        -2.8 + 0.5 * a + 0.5 * c["myocardial_infarction"] + 0.3 * c["heart_failure"]
+    )
     c["copd"] = draw(-2.2 + 0.3 * a + 0.9 * z2 + 0.3 * s["substance_use"])
     c["cirrhosis"] = draw(-3.4 - 0.1 * a + 1.8 * s["substance_use"])
     c["cancer"] = draw(-2.0 + 0.35 * a + 0.3 * z2)
@@ -128,10 +165,18 @@ def sample_acute(rng: np.random.Generator, age, cond: dict, social: dict) -> tup
     """Acute conditions of one admission (bool) and their severities."""
     n, a = len(age), (np.asarray(age) - 65) / 10
     logits = {
-        "sepsis": -2.4 + 0.2 * a + 0.6 * cond["ckd"] + 0.7 * cond["cirrhosis"] + 0.7 * cond["cancer"]
-        + 0.3 * cond["diabetes"] + 0.4 * social["substance_use"],
+        "sepsis": -2.4
+        + 0.2 * a
+        + 0.6 * cond["ckd"]
+        + 0.7 * cond["cirrhosis"]
+        + 0.7 * cond["cancer"]
+        + 0.3 * cond["diabetes"]
+        + 0.4 * social["substance_use"],
         "pneumonia": -2.4 + 0.2 * a + 1.0 * cond["copd"] + 0.3 * cond["cancer"],
-        "acute_mi": -3.4 + 0.2 * a + 1.0 * cond["myocardial_infarction"] + 0.4 * cond["diabetes"]
+        "acute_mi": -3.4
+        + 0.2 * a
+        + 1.0 * cond["myocardial_infarction"]
+        + 0.4 * cond["diabetes"]
         + 0.3 * cond["hypertension"],
     }
     c = {k: rng.random(n) < _sigmoid(v) for k, v in logits.items()}
@@ -150,11 +195,21 @@ def _simulate(n_patients: int, rng: np.random.Generator) -> tuple[pd.DataFrame, 
     anchor_age = np.floor(age0).astype(int) - (first_year - anchor_year)
     anchor_age = np.where(anchor_age >= 90, 91, np.maximum(anchor_age, 18))
     group = rng.choice([2008, 2011, 2014, 2017], size=n)
-    pat = pd.DataFrame({"pid": np.arange(n), "subject_id": _perm_ids(n, 10_000_000, 10_000_000, rng),
-                        "male": male, "age0": age0, "first": first, "anchor_year": anchor_year,
-                        "anchor_age": anchor_age, "anchor_year_group": [f"{g} - {g + 2}" for g in group],
-                        "real_anchor": group + rng.integers(0, 3, n), "cancer_site": rng.integers(0, 5, n),
-                        "on_warfarin": cond["atrial_fibrillation"] & (rng.random(n) < 0.4)})
+    pat = pd.DataFrame(
+        {
+            "pid": np.arange(n),
+            "subject_id": perm_ids(n, 10_000_000, 10_000_000, rng),
+            "male": male,
+            "age0": age0,
+            "first": first,
+            "anchor_year": anchor_year,
+            "anchor_age": anchor_age,
+            "anchor_year_group": [f"{g} - {g + 2}" for g in group],
+            "real_anchor": group + rng.integers(0, 3, n),
+            "cancer_site": rng.integers(0, 5, n),
+            "on_warfarin": cond["atrial_fibrillation"] & (rng.random(n) < 0.4),
+        }
+    )
     for k in CHRONIC:
         pat[f"cond_{k}"], pat[f"sev_{k}"] = cond[k], sev[k]
     for k in SOCIAL:
@@ -168,15 +223,16 @@ def _simulate(n_patients: int, rng: np.random.Generator) -> tuple[pd.DataFrame, 
         alive = ~r["died"]
         readmit = alive & (rng.random(active.size) < r["p_readmission_30d"])
         more = readmit | (alive & (rng.random(active.size) < p_continue[active]))
-        gap_days = np.where(readmit, 0.1 + 29.8 * rng.beta(0.9, 1.6, active.size),
-                            31 + rng.gamma(1.1, 300, active.size))
+        gap_days = np.where(
+            readmit, 0.1 + 29.8 * rng.beta(0.9, 1.6, active.size), 31 + rng.gamma(1.1, 300, active.size)
+        )
         r["readmission_30d"] = np.where(alive, readmit.astype(float), np.nan)
         t_next = ((r["dischtime"] + gap_days * DAY) // MINUTE * MINUTE).astype(np.int64)
         active, t_next = active[more], t_next[more]
         k += 1
     adm = pd.concat([pd.DataFrame(r) for r in rounds], ignore_index=True)
     adm = adm.sort_values(["pid", "admittime"], kind="stable").reset_index(drop=True)
-    adm["hadm_id"] = _perm_ids(len(adm), 20_000_000, 10_000_000, rng)
+    adm["hadm_id"] = perm_ids(len(adm), 20_000_000, 10_000_000, rng)
     last = adm.groupby("pid")["dischtime"].max()
     died = adm.groupby("pid")["deathtime"].max()
     late = (rng.random(n) < 0.12 + 0.08 * burden) & (died.reindex(range(n)).to_numpy() < 0)
@@ -192,8 +248,10 @@ def _admission_round(rng, pat: pd.DataFrame, idx: np.ndarray, admit: np.ndarray,
     p = pat.iloc[idx]
     age = p["age0"].to_numpy() + (admit - p["first"].to_numpy()) / (365.2425 * DAY)
     cond = {c: p[f"cond_{c}"].to_numpy() for c in CHRONIC}
-    sev = {c: np.where(cond[c], np.clip(p[f"sev_{c}"].to_numpy() + rng.normal(0, 0.07, m), 0.02, 1.0), 0.0)
-           for c in CHRONIC}
+    sev = {
+        c: np.where(cond[c], np.clip(p[f"sev_{c}"].to_numpy() + rng.normal(0, 0.07, m), 0.02, 1.0), 0.0)
+        for c in CHRONIC
+    }
     social = {s: p[f"social_{s}"].to_numpy() for s in SOCIAL}
     acute, acute_sev = sample_acute(rng, age, cond, social)
     cond |= acute
@@ -204,11 +262,20 @@ def _admission_round(rng, pat: pd.DataFrame, idx: np.ndarray, admit: np.ndarray,
     elective = ~any_acute & (rng.random(m) < 0.10)
     observation = ~elective & (rng.random(m) < np.where(any_acute, 0.04, 0.22))
     kind = np.where(elective, 2, np.where(observation, 1, 0))  # 0 emergency, 1 observation, 2 elective
-    early_logit = (-3.3 + acute["sepsis"] * (0.8 + 2.2 * sev["sepsis"]) + acute["acute_mi"] * (0.5 + 1.8 * sev["acute_mi"])
-                   + acute["pneumonia"] * (0.3 + 1.2 * sev["pneumonia"]) + 0.8 * sev["copd"] + 0.6 * sev["heart_failure"]
-                   + 0.5 * sev["cirrhosis"] + np.where(elective, 0.8, 0.0))
+    early_logit = (
+        -3.3
+        + acute["sepsis"] * (0.8 + 2.2 * sev["sepsis"])
+        + acute["acute_mi"] * (0.5 + 1.8 * sev["acute_mi"])
+        + acute["pneumonia"] * (0.3 + 1.2 * sev["pneumonia"])
+        + 0.8 * sev["copd"]
+        + 0.6 * sev["heart_failure"]
+        + 0.5 * sev["cirrhosis"]
+        + np.where(elective, 0.8, 0.0)
+    )
     early_icu = (kind != 1) & (rng.random(m) < _sigmoid(early_logit))
-    short = ~early_icu & (rng.random(m) < np.select([kind == 1, kind == 2, any_acute], [0.55, 0.2, 0.02], 0.07))
+    short = ~early_icu & (
+        rng.random(m) < np.select([kind == 1, kind == 2, any_acute], [0.55, 0.2, 0.02], 0.07)
+    )
     eligible = ~early_icu & ~short
     critical = eligible & (rng.random(m) < p_crit)
     crit_death_only = critical & (rng.random(m) < 0.12 + 0.3 * sev["cancer"])
@@ -225,29 +292,69 @@ def _admission_round(rng, pat: pd.DataFrame, idx: np.ndarray, admit: np.ndarray,
     icu_in = np.where(early_icu, early_in, np.where(crit_icu, late_in, -1))
     icu_out = np.where(icu_in >= 0, icu_in + icu_los, -1)
     a = (age - 65) / 10
-    icu_death = (icu_in >= 0) & (rng.random(m) < _sigmoid(-2.4 + 1.5 * sev["sepsis"] + sev["acute_mi"]
-                                                         + 0.8 * sev["cirrhosis"] + 0.6 * sev["cancer"] + 0.2 * a))
-    ward = ((1.05 + rng.gamma(1.4, 2.0, m) * (1 + 0.5 * np.maximum.reduce([acute_sev[c] for c in ACUTE]))) * DAY)
+    icu_death = (icu_in >= 0) & (
+        rng.random(m)
+        < _sigmoid(
+            -2.4
+            + 1.5 * sev["sepsis"]
+            + sev["acute_mi"]
+            + 0.8 * sev["cirrhosis"]
+            + 0.6 * sev["cancer"]
+            + 0.2 * a
+        )
+    )
+    ward = (
+        1.05 + rng.gamma(1.4, 2.0, m) * (1 + 0.5 * np.maximum.reduce([acute_sev[c] for c in ACUTE]))
+    ) * DAY
     ward = ward.astype(np.int64)
     after_icu = ((0.5 + rng.gamma(1.5, 1.5, m)) * DAY).astype(np.int64)
-    disch = np.select(
-        [short, crit_death_only, icu_in >= 0],
-        [admit + (rng.uniform(4, 23.5, m) * HOUR).astype(np.int64),
-         t0 + HOUR + (rng.exponential(3.0, m) * DAY).astype(np.int64),
-         icu_out + np.where(icu_death, 0, after_icu)],
-        admit + np.minimum(ward, 60 * DAY),
-    ) // MINUTE * MINUTE
+    disch = (
+        np.select(
+            [short, crit_death_only, icu_in >= 0],
+            [
+                admit + (rng.uniform(4, 23.5, m) * HOUR).astype(np.int64),
+                t0 + HOUR + (rng.exponential(3.0, m) * DAY).astype(np.int64),
+                icu_out + np.where(icu_death, 0, after_icu),
+            ],
+            admit + np.minimum(ward, 60 * DAY),
+        )
+        // MINUTE
+        * MINUTE
+    )
     disch = np.maximum(disch, admit + 4 * HOUR)
     died = crit_death_only | icu_death
     icu_out = np.where(icu_in >= 0, np.minimum(icu_out, disch), -1)
     event = np.where(crit_death_only, disch - DAY // 2, np.where(crit_icu, icu_in, -1))
-    out = {"pid": idx, "admission_round": np.full(m, k), "admittime": admit, "dischtime": disch,
-           "deathtime": np.where(died, disch, -1), "died": died, "age": age, "kind": kind, "ed": ed,
-           "edregtime": edreg, "edouttime": edout, "icu_in": icu_in, "icu_out": icu_out, "early_icu": early_icu,
-           "critical_event_time": event, "p_readmission_30d": p_readmit, "p_critical_24h": p_crit,
-           "critical_24h": np.where(eligible, critical.astype(float), np.nan)}
-    for key in ("admittime", "dischtime", "deathtime", "edregtime", "edouttime", "icu_in", "icu_out",
-                "critical_event_time"):
+    out = {
+        "pid": idx,
+        "admission_round": np.full(m, k),
+        "admittime": admit,
+        "dischtime": disch,
+        "deathtime": np.where(died, disch, -1),
+        "died": died,
+        "age": age,
+        "kind": kind,
+        "ed": ed,
+        "edregtime": edreg,
+        "edouttime": edout,
+        "icu_in": icu_in,
+        "icu_out": icu_out,
+        "early_icu": early_icu,
+        "critical_event_time": event,
+        "p_readmission_30d": p_readmit,
+        "p_critical_24h": p_crit,
+        "critical_24h": np.where(eligible, critical.astype(float), np.nan),
+    }
+    for key in (
+        "admittime",
+        "dischtime",
+        "deathtime",
+        "edregtime",
+        "edouttime",
+        "icu_in",
+        "icu_out",
+        "critical_event_time",
+    ):
         out[key] = np.asarray(out[key]).astype(np.int64)
     for c in CONDITIONS:
         out[f"cond_{c}"], out[f"sev_{c}"] = cond[c].astype(np.int8), sev[c]
@@ -256,7 +363,7 @@ def _admission_round(rng, pat: pd.DataFrame, idx: np.ndarray, admit: np.ndarray,
     return out
 
 
-def _note_state(adm: pd.DataFrame, pat: pd.DataFrame, text_signal: float, rng: np.random.Generator) -> pd.DataFrame:
+def _note_state(adm: pd.DataFrame, text_signal: float, rng: np.random.Generator) -> pd.DataFrame:
     """What each note asserts: the truth with probability ``text_signal`` per statement, else a fresh draw.
 
     The fresh draw comes from the same prior given the admission's age and sex (both in the tables), so
@@ -281,68 +388,27 @@ def _note_state(adm: pd.DataFrame, pat: pd.DataFrame, text_signal: float, rng: n
     return pd.DataFrame(out)
 
 
-def _faithful(values: list | np.ndarray, text_signal: float, rng: np.random.Generator) -> list:
-    """Each admission's own value with probability ``text_signal``, else a random admission's value.
-
-    Used for the note sections copied from the tables (disposition, drugs, procedures): at
-    ``text_signal=0`` they describe a random patient, so the note carries nothing patient-specific.
-    """
-    values = list(values)
-    donor = rng.integers(0, len(values), len(values))
-    keep = rng.random(len(values)) < text_signal
-    return [values[i] if k else values[d] for i, (k, d) in enumerate(zip(keep, donor, strict=True))]
-
-
-def _lists(index: np.ndarray, values: np.ndarray, n: int) -> list[list]:
-    """Group ``values`` by integer ``index`` (0..n-1) into n Python lists, keeping their order."""
-    order = np.argsort(index, kind="stable")
-    index, values = index[order], values[order]
-    bounds = np.searchsorted(index, np.arange(n + 1))
-    return [values[bounds[i] : bounds[i + 1]].tolist() for i in range(n)]
-
-
-def _notes_table(adm, pat, disch_loc, rx_pairs, px_rows, text_signal, seed, rng) -> pa.Table:
-    state = _note_state(adm, pat, text_signal, rng)
-    state["cancer_site"] = np.asarray(cat.CANCER_SITES, dtype=object)[state["cancer_site"].to_numpy()]
-    state["sex"] = np.where(adm["male"].to_numpy(), "M", "F")
-    state["age"] = adm["mimic_age"].to_numpy()
-    state["kind"] = adm["kind"].to_numpy()
-    state["service"] = np.where(adm["kind"].to_numpy() == 2, "SURGERY", "MEDICINE")
-    words = [cat_disp.get(x, "Home") if isinstance(x, str) else "Home" for x in disch_loc]
-    state["disposition"] = _faithful(words, text_signal, rng)
-    chronic_drugs = {k for c, drugs in cat.COND_DRUGS.items() if c not in ("general", "sepsis", "pneumonia")
-                     for k, _ in drugs if cat.DRUGS[k][12] not in ("IV", "IV DRIP")}
-    oral = rx_pairs[rx_pairs["key"].isin(sorted(chronic_drugs))]
-    state["meds"] = _faithful(_lists(oral["a"].to_numpy(), oral["key"].to_numpy(), len(adm)), text_signal, rng)
-    visible = px_rows[px_rows["name"].isin(["paracentesis", "thoracentesis", "cardiac_cath", "egd", "hemodialysis"])]
-    visible = visible.drop_duplicates().sort_values(["a", "name"])
-    procedures = _lists(visible["a"].to_numpy(), visible["name"].str.replace("_", " ").to_numpy(), len(adm))
-    state["procedures"] = _faithful(procedures, text_signal, rng)
-    texts = render_notes(state, seed)
-    note_seq = adm.groupby("pid").cumcount().to_numpy() * 2 + 10 + rng.integers(0, 2, len(adm))
-    subject = adm["subject_id"].to_numpy()
-    disch = adm["dischtime"].to_numpy()
-    return pa.table({
-        "note_id": np.char.add(np.char.add(subject.astype(str), "-DS-"), note_seq.astype(str)),
-        "subject_id": subject, "hadm_id": adm["hadm_id"].to_numpy(), "note_type": np.full(len(adm), "DS"),
-        "note_seq": note_seq, "charttime": ts(disch // DAY * DAY),
-        "storetime": ts(disch + (rng.uniform(2, 72, len(adm)) * HOUR).astype(np.int64) // MINUTE * MINUTE),
-        "text": pa.array(texts),
-    }), state
-
-
 def _truth(adm: pd.DataFrame, state: pd.DataFrame, text_signal: float, seed: int) -> pd.DataFrame:
-    truth = pd.DataFrame({
-        "subject_id": adm["subject_id"].to_numpy(), "hadm_id": adm["hadm_id"].to_numpy(),
-        "admittime": adm["admittime"].to_numpy().astype("datetime64[s]"),
-        "dischtime": adm["dischtime"].to_numpy().astype("datetime64[s]"), "age": adm["mimic_age"].to_numpy(),
-        "sex": np.where(adm["male"].to_numpy(), "M", "F"),
-    })
+    truth = pd.DataFrame(
+        {
+            "subject_id": adm["subject_id"].to_numpy(),
+            "hadm_id": adm["hadm_id"].to_numpy(),
+            "admittime": adm["admittime"].to_numpy().astype("datetime64[s]"),
+            "dischtime": adm["dischtime"].to_numpy().astype("datetime64[s]"),
+            "age": adm["mimic_age"].to_numpy(),
+            "sex": np.where(adm["male"].to_numpy(), "M", "F"),
+        }
+    )
     for c in CONDITIONS:
-        truth[f"cond_{c}"], truth[f"sev_{c}"] = adm[f"cond_{c}"].to_numpy().astype(np.int8), adm[f"sev_{c}"].to_numpy()
+        truth[f"cond_{c}"], truth[f"sev_{c}"] = (
+            adm[f"cond_{c}"].to_numpy().astype(np.int8),
+            adm[f"sev_{c}"].to_numpy(),
+        )
     for s in SOCIAL:
         truth[f"social_{s}"] = adm[f"social_{s}"].to_numpy().astype(np.int8)
-    truth["cancer_site"] = np.where(adm["cond_cancer"] == 1, np.asarray(cat.CANCER_SITES)[adm["cancer_site"]], None)
+    truth["cancer_site"] = np.where(
+        adm["cond_cancer"] == 1, np.asarray(cat.CANCER_SITES)[adm["cancer_site"]], None
+    )
     truth["p_readmission_30d"] = adm["p_readmission_30d"].to_numpy()
     truth["p_critical_24h"] = adm["p_critical_24h"].to_numpy()
     # The labels the cohort rules must reproduce from the tables (<NA> where the admission is not eligible).
@@ -357,27 +423,49 @@ def _truth(adm: pd.DataFrame, state: pd.DataFrame, text_signal: float, seed: int
     return truth
 
 
-def generate_world(out_dir, n_patients: int = 2000, seed: int = 0, text_signal: float = 0.8, ecg: bool = True,
-                   lab_density: float = 1.0, progress: bool = True) -> dict:
+def generate_world(
+    out_dir,
+    n_patients: int = 2000,
+    seed: int = 0,
+    text_signal: float = 0.8,
+    ecg: bool = True,
+    lab_density: float = 1.0,
+    progress: bool = True,
+) -> dict:
     """Write a synthetic world to ``out_dir`` (replaced whole, atomically) and return summary counts.
 
     Layout: ``hosp/*.csv.gz``, ``icu/icustays.csv.gz`` (MIMIC-IV v2.2), ``note/discharge.csv.gz``
     (MIMIC-IV-Note), ``truth.parquet`` (latent state per admission), ``ecg/`` (MIMIC-IV-ECG) unless
-    ``ecg=False``. ``lab_density`` scales lab draws per admission (1.0 gives ~70 lab rows per admission).
+    ``ecg=False``. ``lab_density`` scales lab draws per admission (1.0 gives ~90 lab rows per admission,
+    1.6 about 130: the density of a 400k-admission, 50M-lab-row MIMIC-scale world).
     """
     t_start = time.perf_counter()
     if n_patients < 1:
         raise ValueError(f"n_patients must be at least 1, got {n_patients}")
     if not 0.0 <= text_signal <= 1.0:
         raise ValueError(f"text_signal must be in [0, 1], got {text_signal}")
+    if not lab_density > 0:
+        raise ValueError(f"lab_density must be positive, got {lab_density}")
     if ecg and importlib.util.find_spec("ehrclip_kit.data.synthetic_ecg") is None:
         raise RuntimeError("ECG generation needs ehrclip_kit.data.synthetic_ecg; pass ecg=False (--no-ecg)")
     streams = [np.random.default_rng([seed, k]) for k in range(8)]
     pat, adm = _simulate(n_patients, streams[0])
-    keep = ["pid", "subject_id", "male", "anchor_year", "anchor_age", "real_anchor", "cancer_site", "on_warfarin"]
+    keep = [
+        "pid",
+        "subject_id",
+        "male",
+        "anchor_year",
+        "anchor_age",
+        "real_anchor",
+        "cancer_site",
+        "on_warfarin",
+    ]
     adm = adm.merge(pat[keep], on="pid", how="left", validate="many_to_one")
-    adm["mimic_age"] = adm["anchor_age"] + (adm["admittime"].to_numpy().astype("datetime64[s]").astype(
-        "datetime64[Y]").astype(int) + 1970 - adm["anchor_year"])
+    adm["mimic_age"] = adm["anchor_age"] + (
+        adm["admittime"].to_numpy().astype("datetime64[s]").astype("datetime64[Y]").astype(int)
+        + 1970
+        - adm["anchor_year"]
+    )
     adm["prev_dischtime"] = adm.groupby("pid")["dischtime"].shift(1).fillna(-10 * 365 * DAY).astype(np.int64)
     out_dir = Path(out_dir)
     counts = {}
@@ -399,12 +487,28 @@ def generate_world(out_dir, n_patients: int = 2000, seed: int = 0, text_signal: 
         transfers, icustays = transfers_tables(adm, streams[5])
         counts["transfers"] = write_table(hosp / "transfers.csv.gz", transfers)
         counts["icustays"] = write_table(tmp / "icu" / "icustays.csv.gz", icustays)
-        write_table(hosp / "d_labitems.csv.gz", pd.DataFrame(
-            [(v[0], v[1], v[2], v[3]) for v in cat.LAB_ITEMS.values()], columns=["itemid", "label", "fluid", "category"]
-        ).sort_values("itemid"))
-        counts["labevents"] = write_labevents(hosp / "labevents.csv.gz", adm, seed, lab_density, progress=progress)
-        notes, state = _notes_table(adm, pat, disch_loc, rx_pairs, px_rows, text_signal, seed, streams[6])
-        counts["discharge_notes"] = write_table(tmp / "note" / "discharge.csv.gz", notes, level=1)
+        write_table(
+            hosp / "d_labitems.csv.gz",
+            pd.DataFrame(
+                [(v[0], v[1], v[2], v[3]) for v in cat.LAB_ITEMS.values()],
+                columns=["itemid", "label", "fluid", "category"],
+            ).sort_values("itemid"),
+        )
+        counts["labevents"] = write_labevents(
+            hosp / "labevents.csv.gz", adm, seed, lab_density, progress=progress
+        )
+        state = _note_state(adm, text_signal, streams[6])
+        counts["discharge_notes"] = write_notes(
+            tmp / "note" / "discharge.csv.gz",
+            adm,
+            state,
+            disch_loc,
+            rx_pairs,
+            px_rows,
+            text_signal,
+            seed,
+            streams[6],
+        )
         truth = _truth(adm, state, text_signal, seed)
         truth.to_parquet(tmp / "truth.parquet", index=False)
         if ecg:
@@ -413,7 +517,11 @@ def generate_world(out_dir, n_patients: int = 2000, seed: int = 0, text_signal: 
             adm_frame = admissions.select(["subject_id", "hadm_id", "admittime", "dischtime"]).to_pandas()
             counts["ecgs"] = write_ecg_world(tmp, adm_frame, truth, seed=seed, progress=progress)["n_ecgs"]
     return {
-        "out_dir": str(out_dir), "seed": seed, "text_signal": text_signal, "subjects": int(len(pat)), **counts,
+        "out_dir": str(out_dir),
+        "seed": seed,
+        "text_signal": text_signal,
+        "subjects": int(len(pat)),
+        **counts,
         "readmission_30d_rate": float(np.nanmean(adm["readmission_30d"])),
         "critical_24h_rate": float(np.nanmean(adm["critical_24h"])),
         "seconds": round(time.perf_counter() - t_start, 2),
@@ -424,19 +532,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to write (replaced whole)")
     parser.add_argument("--patients", type=int, default=2000, help="number of patients (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--text-signal", type=float, default=0.8,
-                        help="0..1: how faithfully notes state the latent conditions (default 0.8)")
+    parser.add_argument(
+        "--text-signal",
+        type=float,
+        default=0.8,
+        help="0..1: how faithfully notes state the latent conditions (default 0.8)",
+    )
     parser.add_argument("--lab-density", type=float, default=1.0, help="scale of lab draws per admission")
     parser.add_argument("--no-ecg", action="store_true", help="skip the synthetic ECGs")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = generate_world(args.out, n_patients=args.patients, seed=args.seed, text_signal=args.text_signal,
-                             ecg=not args.no_ecg, lab_density=args.lab_density, progress=not args.quiet)
+    summary = generate_world(
+        args.out,
+        n_patients=args.patients,
+        seed=args.seed,
+        text_signal=args.text_signal,
+        ecg=not args.no_ecg,
+        lab_density=args.lab_density,
+        progress=not args.quiet,
+    )
     print(f"synthetic world written to {summary['out_dir']} in {summary['seconds']} s")
-    for key in ("subjects", "admissions", "labevents", "prescriptions", "diagnoses_icd", "icustays",
-                "discharge_notes", "ecgs"):
+    for key in (
+        "subjects",
+        "admissions",
+        "labevents",
+        "prescriptions",
+        "diagnoses_icd",
+        "icustays",
+        "discharge_notes",
+        "ecgs",
+    ):
         if key in summary:
             print(f"  {key:<16} {summary[key]:>10,}")
     print(f"  readmission_30d rate {summary['readmission_30d_rate']:.1%} (label rule of the cohort recipe)")

@@ -25,19 +25,46 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from ehrclip_kit.data import synthetic_catalog as cat
-from ehrclip_kit.data.synthetic_tables import CsvGzWriter, providers, ts
+from ehrclip_kit.data.synthetic_io import CsvGzWriter, providers, ts
 
 DAY, HOUR, MINUTE = 86400, 3600, 60
 LAB_KEYS = tuple(cat.LAB_ITEMS)
-LAB_COLUMNS = ["labevent_id", "subject_id", "hadm_id", "specimen_id", "itemid", "order_provider_id", "charttime",
-               "storetime", "value", "valuenum", "valueuom", "ref_range_lower", "ref_range_upper", "flag", "priority",
-               "comments"]
+LAB_COLUMNS = [
+    "labevent_id",
+    "subject_id",
+    "hadm_id",
+    "specimen_id",
+    "itemid",
+    "order_provider_id",
+    "charttime",
+    "storetime",
+    "value",
+    "valuenum",
+    "valueuom",
+    "ref_range_lower",
+    "ref_range_upper",
+    "flag",
+    "priority",
+    "comments",
+]
 PANELS = tuple(cat.LAB_PANELS)
 # (panel index, lab index) for every lab of every panel.
-_TEMPLATE = np.array([(p, LAB_KEYS.index(lab)) for p, name in enumerate(PANELS) for lab in cat.LAB_PANELS[name]])
+_TEMPLATE = np.array(
+    [(p, LAB_KEYS.index(lab)) for p, name in enumerate(PANELS) for lab in cat.LAB_PANELS[name]]
+)
 # Shift of each lab in the hours before a late ICU transfer or death (the "deterioration").
-DETERIORATION = {"lactate": 0.7, "creatinine": 0.35, "wbc": 0.3, "bicarbonate": -4, "platelets": -0.25,
-                 "bilirubin": 0.3, "troponin_t": 0.3, "anion_gap": 3, "inr": 0.15, "pt": 0.15}
+DETERIORATION = {
+    "lactate": 0.7,
+    "creatinine": 0.35,
+    "wbc": 0.3,
+    "bicarbonate": -4,
+    "platelets": -0.25,
+    "bilirubin": 0.3,
+    "troponin_t": 0.3,
+    "anion_gap": 3,
+    "inr": 0.15,
+    "pt": 0.15,
+}
 ACUTE_TAU_H = 60.0
 TROPONIN_NOTE = "cTropnT > 0.10 ng/mL suggests Acute MI."
 
@@ -94,12 +121,17 @@ def _draws(adm: pd.DataFrame, rng: np.random.Generator, density: float) -> pd.Da
     t_icu = icu_in[a_icu] + rng.random(a_icu.size) * (icu_out - icu_in)[a_icu]
     t_op = admit - rng.uniform(7, 60, m) * DAY
     op = (rng.random(m) < 0.1 * np.minimum(density, 1.0)) & (t_op > adm["prev_dischtime"].to_numpy() + DAY)
-    draws = pd.DataFrame({
-        "a": np.concatenate([np.arange(m), a_day[keep], a_ward, a_icu, np.flatnonzero(op)]),
-        "t": np.concatenate([first, t_day[keep], t_ward, t_icu, t_op[op]]).astype(np.int64) // MINUTE * MINUTE,
-        "kind": np.concatenate([np.zeros(m), np.ones(keep.sum()), np.full(a_ward.size + a_icu.size, 2),
-                                np.full(op.sum(), 3)]).astype(np.int8),
-    })
+    draws = pd.DataFrame(
+        {
+            "a": np.concatenate([np.arange(m), a_day[keep], a_ward, a_icu, np.flatnonzero(op)]),
+            "t": np.concatenate([first, t_day[keep], t_ward, t_icu, t_op[op]]).astype(np.int64)
+            // MINUTE
+            * MINUTE,
+            "kind": np.concatenate(
+                [np.zeros(m), np.ones(keep.sum()), np.full(a_ward.size + a_icu.size, 2), np.full(op.sum(), 3)]
+            ).astype(np.int8),
+        }
+    )
     return draws.sort_values(["a", "t", "kind"], kind="stable").reset_index(drop=True)
 
 
@@ -120,12 +152,21 @@ def _panel_probabilities(adm: pd.DataFrame, draws: pd.DataFrame) -> np.ndarray:
         return np.where(first, arrival, np.where(op, outpatient, later))
 
     probs = {
-        "bmp": p(0.97, 0.9, 0.95), "mg": p(0.55, 0.6, 0.1), "cbc": p(0.95, 0.85, 0.6),
-        "coag": p(0.3 + 0.35 * np.maximum.reduce([has("atrial_fibrillation"), cirr, warf]),
-                  0.1 + 0.35 * np.maximum(warf, cirr) + 0.2 * in_icu, 0.3 * warf),
+        "bmp": p(0.97, 0.9, 0.95),
+        "mg": p(0.55, 0.6, 0.1),
+        "cbc": p(0.95, 0.85, 0.6),
+        "coag": p(
+            0.3 + 0.35 * np.maximum.reduce([has("atrial_fibrillation"), cirr, warf]),
+            0.1 + 0.35 * np.maximum(warf, cirr) + 0.2 * in_icu,
+            0.3 * warf,
+        ),
         "lft": p(0.3 + 0.4 * cirr + 0.2 * sepsis, 0.07 + 0.3 * cirr, 0.2),
-        "lactate": p(0.12 + 0.55 * sepsis + 0.1 * has("pneumonia"), 0.02 + 0.3 * in_icu + 0.2 * sepsis * early, 0),
-        "trop": p(0.22 + 0.6 * ami + 0.15 * hf + 0.1 * has("myocardial_infarction"), 0.02 + 0.6 * ami * early, 0),
+        "lactate": p(
+            0.12 + 0.55 * sepsis + 0.1 * has("pneumonia"), 0.02 + 0.3 * in_icu + 0.2 * sepsis * early, 0
+        ),
+        "trop": p(
+            0.22 + 0.6 * ami + 0.15 * hf + 0.1 * has("myocardial_infarction"), 0.02 + 0.6 * ami * early, 0
+        ),
         "bnp": p(0.06 + 0.35 * hf, 0.01 + 0.04 * hf, 0.05 * hf),
     }
     return np.clip(np.stack([probs[name] for name in PANELS], axis=1), 0, 1)
@@ -149,8 +190,14 @@ def _chunk(adm, pat_re, rng, density, first_id, spec_counter, spec_perm, prov) -
     ramp = np.where((event >= 0) & (kind != 3), np.clip((t - (event - 8 * HOUR)) / (12 * HOUR), 0, 1), 0.0)
     det = np.array([DETERIORATION.get(key, 0.0) for key in LAB_KEYS])
     centre, noise, log, decimals = _spec(9), _spec(11), _spec(8).astype(bool), _spec(7).astype(int)
-    x = (centre[lab] + pat_re[adm["pid"].to_numpy()[a], lab] + chronic[a, lab] + acute[a, lab] * decay
-         + det[lab] * ramp + noise[lab] * rng.standard_normal(n))
+    x = (
+        centre[lab]
+        + pat_re[adm["pid"].to_numpy()[a], lab]
+        + chronic[a, lab]
+        + acute[a, lab] * decay
+        + det[lab] * ramp
+        + noise[lab] * rng.standard_normal(n)
+    )
     v = np.where(log[lab], np.exp(np.minimum(x, 12)), x)
     trop = lab == LAB_KEYS.index("troponin_t")
     undetected = trop & (v < 0.01)
@@ -168,27 +215,38 @@ def _chunk(adm, pat_re, rng, density, first_id, spec_counter, spec_perm, prov) -
     n_spec = int(ordered.sum())
     delay = (rng.uniform(15, 180, n_spec) * MINUTE).astype(np.int64)[spec - spec_counter]
     priority = pa.array(["STAT", "ROUTINE", None]).take(
-        pa.array(np.where(lab == LAB_KEYS.index("lactate"), 2, np.where(np.isin(kind, (0, 2)), 0, 1))))
+        pa.array(np.where(lab == LAB_KEYS.index("lactate"), 2, np.where(np.isin(kind, (0, 2)), 0, 1)))
+    )
     has_prov = (rng.random(n_spec) < 0.15)[spec - spec_counter]
     outpatient = kind == 3
-    table = pa.table({
-        "labevent_id": np.arange(first_id, first_id + n, dtype=np.int64),
-        "subject_id": adm["subject_id"].to_numpy()[a],
-        "hadm_id": pa.array(adm["hadm_id"].to_numpy()[a], mask=outpatient),
-        "specimen_id": spec_perm(spec), "itemid": _spec(0).astype(np.int64)[lab],
-        "order_provider_id": pa.array(prov[spec % len(prov)], mask=~has_prov),
-        "charttime": ts(t), "storetime": ts((t + delay) // MINUTE * MINUTE),
-        "value": pa.array(value), "valuenum": pa.array(valuenum, from_pandas=True),
-        "valueuom": pa.array([cat.LAB_ITEMS[key][4] for key in LAB_KEYS], type=pa.string()).take(pa.array(lab)),
-        "ref_range_lower": lo, "ref_range_upper": hi,
-        "flag": pa.array(np.where(abnormal, "abnormal", ""), mask=~abnormal), "priority": priority,
-        "comments": pa.array(comments, mask=~trop),
-    })
+    table = pa.table(
+        {
+            "labevent_id": np.arange(first_id, first_id + n, dtype=np.int64),
+            "subject_id": adm["subject_id"].to_numpy()[a],
+            "hadm_id": pa.array(adm["hadm_id"].to_numpy()[a], mask=outpatient),
+            "specimen_id": spec_perm(spec),
+            "itemid": _spec(0).astype(np.int64)[lab],
+            "order_provider_id": pa.array(prov[spec % len(prov)], mask=~has_prov),
+            "charttime": ts(t),
+            "storetime": ts((t + delay) // MINUTE * MINUTE),
+            "value": pa.array(value),
+            "valuenum": pa.array(valuenum, from_pandas=True),
+            "valueuom": pa.array([cat.LAB_ITEMS[key][4] for key in LAB_KEYS], type=pa.string()).take(
+                pa.array(lab)
+            ),
+            "ref_range_lower": lo,
+            "ref_range_upper": hi,
+            "flag": pa.array(np.where(abnormal, "abnormal", ""), mask=~abnormal),
+            "priority": priority,
+            "comments": pa.array(comments, mask=~trop),
+        }
+    )
     return table, n_spec
 
 
-def write_labevents(path, adm: pd.DataFrame, seed: int, density: float = 1.0, chunk_size: int = 20_000,
-                    progress: bool = True) -> int:
+def write_labevents(
+    path, adm: pd.DataFrame, seed: int, density: float = 1.0, chunk_size: int = 10_000, progress: bool = True
+) -> int:
     """Write ``hosp/labevents.csv.gz`` for all admissions, ``chunk_size`` admissions at a time; returns rows."""
     if density <= 0:
         raise ValueError(f"lab_density must be positive, got {density}")
@@ -211,8 +269,9 @@ def write_labevents(path, adm: pd.DataFrame, seed: int, density: float = 1.0, ch
     starts = range(0, len(adm), chunk_size)
     for i, lo in enumerate(tqdm(starts, desc="labevents", unit="chunk", disable=not progress)):
         rng = np.random.default_rng([seed, 7002, i])
-        table, n_spec = _chunk(adm.iloc[lo : lo + chunk_size], pat_re, rng, density, next_id, spec_counter,
-                               spec_perm, prov)
+        table, n_spec = _chunk(
+            adm.iloc[lo : lo + chunk_size], pat_re, rng, density, next_id, spec_counter, spec_perm, prov
+        )
         writer.write(table)
         next_id += table.num_rows
         spec_counter += n_spec
