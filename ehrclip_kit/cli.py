@@ -14,10 +14,16 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("ehrclip_kit.data.synthetic", "write a synthetic world in the MIMIC-IV / -Note / -ECG layouts"),
-    "cohort": ("ehrclip_kit.data.recipes", "build task tables, features.json, notes and attrition from MIMIC-IV"),
+    "cohort": (
+        "ehrclip_kit.data.recipes",
+        "build task tables, features.json, notes and attrition from MIMIC-IV",
+    ),
     "ecg-index": ("ehrclip_kit.data.ecg_index", "index and validate MIMIC-IV-ECG or PTB-XL waveforms"),
     "pretrain": ("ehrclip_kit.pretrain", "masked and/or contrastive pretraining (EHR-note, or ECG presets)"),
-    "finetune": ("ehrclip_kit.downstream", "text-free fine-tuning of an EHR encoder (or a baseline) + test metrics"),
+    "finetune": (
+        "ehrclip_kit.downstream",
+        "text-free fine-tuning of an EHR encoder (or a baseline) + test metrics",
+    ),
     "ablation": ("ehrclip_kit.ablation", "baselines x pretraining stages x label fractions x seeds"),
 }
 

@@ -61,7 +61,9 @@ def jupyterlab(root: Path, env: dict[str, str] | None = None, timeout: float = 1
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
                     log.flush()
-                    raise RuntimeError(f"JupyterLab did not start: {(root / 'jupyterlab.log').read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"JupyterLab did not start: {(root / 'jupyterlab.log').read_text()[-2000:]}"
+                    ) from None
                 time.sleep(0.5)
         yield f"{url}|{token}"
     finally:

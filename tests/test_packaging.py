@@ -31,10 +31,14 @@ def test_torch_is_pinned_to_the_local_cpu_wheel():
 
 def test_environment_yml_pins_equal_constraints():
     pins = _constraints()
-    env_pins = re.findall(r"^\s+- ([A-Za-z0-9_.\-]+)==([^\s#]+)", (ROOT / "environment.yml").read_text(), re.M)
+    env_pins = re.findall(
+        r"^\s+- ([A-Za-z0-9_.\-]+)==([^\s#]+)", (ROOT / "environment.yml").read_text(), re.M
+    )
     assert len(env_pins) >= 20, "environment.yml lost its pip pins"
     for name, version in env_pins:
-        assert pins.get(_norm(name)) == version, f"environment.yml pins {name}=={version}, constraints.txt {pins.get(_norm(name))}"
+        assert pins.get(_norm(name)) == version, (
+            f"environment.yml pins {name}=={version}, constraints.txt {pins.get(_norm(name))}"
+        )
     assert "python=3.11" in (ROOT / "environment.yml").read_text()
 
 

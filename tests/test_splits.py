@@ -18,7 +18,11 @@ def test_split_is_a_function_of_the_subject_only():
 def test_fractions_are_respected():
     names, counts = np.unique(assign_splits(np.arange(20000), fractions=(0.7, 0.1, 0.2)), return_counts=True)
     share = dict(zip(names, counts / counts.sum(), strict=True))
-    assert abs(share["train"] - 0.7) < 0.02 and abs(share["val"] - 0.1) < 0.015 and abs(share["test"] - 0.2) < 0.02
+    assert (
+        abs(share["train"] - 0.7) < 0.02
+        and abs(share["val"] - 0.1) < 0.015
+        and abs(share["test"] - 0.2) < 0.02
+    )
 
 
 def test_bad_fractions_are_refused():
