@@ -161,7 +161,7 @@ def write_summary(out: Path, timings: dict[str, dict], missing: Sequence[str], t
         shown = {k: importance.get(k) for k in ("spearman_mask_vs_shap", "spearman_pretrained_vs_baseline_shap",
                                                 "truth_spearman", "shap_additivity_error")}  # fmt: skip
         parts.append(
-            f"<h2>Importance comparison (06)</h2><pre>{html.escape(json.dumps(shown, indent=2))}</pre>"
+            f"<h2>Importance comparison (06)</h2><pre>{html.escape(json.dumps(shown, indent=2, ensure_ascii=False))}</pre>"
         )
     page = "<!doctype html><html><head><meta charset='utf-8'><title>ehrclip_kit demo</title></head><body>"
     path = out / "summary.html"

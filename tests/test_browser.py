@@ -38,6 +38,25 @@ def accept_kernel_dialog(page, api, wait_ms: int = 5000) -> None:
         pass  # no dialog: the kernel started on its own
 
 
+STARTED = "() => [...document.querySelectorAll('.jp-InputArea-prompt')].some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))"
+
+
+def run_all_cells(page, api, attempts: int = 4) -> None:
+    """Run > Run All Cells, again if no cell started: a click that lands while the kernel is still connecting
+    is dropped by JupyterLab (sometimes after asking which kernel to start)."""
+    for _ in range(attempts):
+        accept_kernel_dialog(page, api, wait_ms=2000)
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        accept_kernel_dialog(page, api)
+        try:
+            page.wait_for_function(STARTED, timeout=20_000)
+            return
+        except api.TimeoutError:
+            continue
+    raise AssertionError("Run All Cells never started a cell")
+
+
 def test_embedding_explorer_renders_and_reacts_in_jupyterlab(tmp_path):
     chromium = chromium_path()
     if chromium is None:
@@ -71,10 +90,7 @@ def test_embedding_explorer_renders_and_reacts_in_jupyterlab(tmp_path):
             page.goto(f"{url}/lab/tree/{NOTEBOOK.name}?token={token}")
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
-            accept_kernel_dialog(page, playwright_api)
-            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
-            accept_kernel_dialog(page, playwright_api)
+            run_all_cells(page, playwright_api)
 
             page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .scatterlayer .point').length > 0",
                                    timeout=360_000)  # fmt: skip
