@@ -154,7 +154,10 @@ def _end_to_end_stage(encoder, preprocessor, train, val, config, out_dir, dist):
 
     text_encoder = TextEncoder(config=config.text)
     tokenizer = text_encoder.load_tokenizer()
-    chunks = [chunk_token_ids(t, tokenizer, config.text.max_tokens) for t in train["text"]]
+    chunks = [
+        chunk_token_ids(t, tokenizer, config.text.max_tokens, max_chunks=config.text.max_chunks)
+        for t in train["text"]
+    ]
     x = torch.as_tensor(preprocessor.transform(train))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -294,6 +297,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", choices=("clip", "siglip"), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
+    from ehrclip_kit.ecg_pretrain import add_ecg_arguments  # options of the ecg-* presets
+
+    add_ecg_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:

@@ -99,3 +99,38 @@ def test_torchrun_two_processes_pretrain(cohort, tmp_path):
     state = json.loads((tmp_path / "ddp" / "contrastive" / "checkpoint" / "config.json").read_text())
     assert (tmp_path / "ddp" / "encoder.safetensors").exists()
     assert state["train"]["batch_size"] == 16
+
+
+def test_end_to_end_text_mode_trains_the_unfrozen_text_layers(cohort, tmp_path):
+    """The transformer in the loop: frozen layers stay put, the last layer and the EHR tower move."""
+    import dataclasses
+
+    from transformers import BertConfig, BertModel
+
+    from ehrclip_kit.data.datasets import load_notes, load_task
+    from ehrclip_kit.encoders.text import load_text_tokenizer
+    from ehrclip_kit.pretrain import preset, pretrain_encoder
+
+    tiny = tmp_path / "tiny-bert"
+    tokenizer = load_text_tokenizer()
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64))  # fmt: skip
+    model.save_pretrained(tiny)
+    tokenizer.save_pretrained(tiny)
+    frame, features = load_task(cohort, "readmission_30d")
+    config = preset("smoke")
+    config = dataclasses.replace(config, stages=("contrastive",), text_mode="end_to_end")
+    config.text = dataclasses.replace(
+        config.text, model=str(tiny), freeze_layers=1, max_tokens=64, max_chunks=2
+    )
+    config.contrastive = dataclasses.replace(config.contrastive, epochs=1, batch_size=32)
+    result = pretrain_encoder(frame, features, config, load_notes(cohort))
+    text = result.model.encoders["text"].model
+    before = BertModel.from_pretrained(tiny)
+    assert torch.equal(text.encoder.layer[0].output.dense.weight, before.encoder.layer[0].output.dense.weight)
+    assert torch.equal(text.embeddings.word_embeddings.weight, before.embeddings.word_embeddings.weight)
+    assert not torch.equal(
+        text.encoder.layer[1].output.dense.weight, before.encoder.layer[1].output.dense.weight
+    )
+    assert result.metrics["contrastive"]["history"][-1]["train_loss"] > 0
