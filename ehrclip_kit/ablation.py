@@ -64,7 +64,7 @@ def ablation_preset(name: str) -> AblationConfig:
         )  # fmt: skip
     if name == "workshop":
         return AblationConfig(
-            pretrain=preset("workshop"), finetune=FinetuneConfig(epochs=15, lr=2e-3, patience=4)
+            pretrain=preset("workshop"), finetune=FinetuneConfig(epochs=15, lr=1e-3, patience=4)
         )
     if name == "paper":
         return AblationConfig(pretrain=preset("paper"), finetune=FinetuneConfig(epochs=15, lr=5e-4))

@@ -46,6 +46,9 @@ class FinetuneConfig:
     patience: int = 3  # epochs without a better validation AUROC before stopping
     pos_weight: float | str | None = "auto"  # "auto" = n_negative / n_positive of the (subsampled) train set
     clip_value: float | None = 1.0  # gradient-norm clipping (pytorch-tabnet's default)
+    # An "epoch" is at least this many optimiser steps (more passes over the data when it is small), so a
+    # 1 %-label run is not stopped after a handful of updates while the full-label run gets hundreds.
+    min_steps_per_epoch: int = 20
     lambda_sparse: float = 0.0  # optional TabNet mask-sparsity penalty (pytorch-tabnet default: 1e-3)
     seed: int = 0
     label_fraction: float = 1.0
@@ -238,10 +241,13 @@ def finetune(
         bar = tqdm(range(config.epochs), desc="fine-tuning", disable=not config.progress)
         for epoch in bar:
             model.train()
-            perm = order_rng.permutation(len(x_train))
-            batches = [perm[i : i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
-            if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm cannot train on one row
-                batches = batches[:-1]
+            batches = []
+            while not batches or len(batches) < config.min_steps_per_epoch:
+                perm = order_rng.permutation(len(x_train))
+                passes = [perm[i : i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
+                if len(passes) > 1 and len(passes[-1]) < 2:  # BatchNorm cannot train on one row
+                    passes = passes[:-1]
+                batches += passes
             total = 0.0
             for idx in batches:
                 xb = torch.as_tensor(x_train[idx], device=device)
@@ -261,7 +267,7 @@ def finetune(
             history.append(
                 {
                     "epoch": epoch,
-                    "train_loss": total / max(len(y_train), 1),
+                    "train_loss": total / max(sum(len(b) for b in batches), 1),
                     "val_auroc": val_auc,
                     "best": improved,
                 }

@@ -73,7 +73,7 @@ def build_index(
     embeddings: Any,
     metric: str = "cosine",
     method: str = "auto",
-    exact_max: int = 50_000,
+    exact_max: int = 1_000_000,
     ivf_min: int = 1_000_000,
     nlist: int | None = None,
     nprobe: int | None = None,
@@ -83,7 +83,9 @@ def build_index(
     """Index ``embeddings`` ``[n, dim]`` for top-k search by cosine (default) or inner product (``"ip"``).
 
     ``method="auto"``: exact torch search up to ``exact_max`` rows, otherwise ``"faiss"``, which is a flat
-    (exact) faiss index below ``ivf_min`` rows and an IVF index from there. ``"faiss-flat"`` and
+    (exact) faiss index below ``ivf_min`` rows and an IVF index from there. The blocked torch search beats a
+    faiss Flat index on a CPU (1M x 128: 1.1 s against 5.0 s for 100 queries, see the benchmark), so by
+    default exact search serves up to a million rows and IVF takes over above. ``"faiss-flat"`` and
     ``"faiss-ivf"`` force one. IVF: ``nlist`` lists (default ~sqrt(n)), k-means trained on ``train_size``
     rows (default 40 per list) drawn with ``seed``; ``nprobe`` lists searched per query (default
     ``max(1, nlist // 8)``; raise it for recall, lower it for speed: on hard

@@ -113,6 +113,21 @@ def test_label_fraction_seed_and_pos_weight(setup):
     assert predict_proba(auto, pre, s["train"]).mean() > predict_proba(none, pre, s["train"]).mean() + 0.05
 
 
+def test_small_label_sets_still_get_min_steps_per_epoch(setup, monkeypatch):
+    pre, enc, s = setup
+    steps = []
+    original = torch.optim.AdamW.step
+    monkeypatch.setattr(
+        torch.optim.AdamW, "step", lambda self, *a, **k: (steps.append(1), original(self, *a, **k))[1]
+    )
+    cfg = FinetuneConfig(epochs=1, patience=5, label_fraction=0.2, seed=1, min_steps_per_epoch=7, **FAST)
+    model, history = finetune(enc, pre, s["train"], s["val"], cfg)
+    per_pass = -(-model.n_train // FAST["batch_size"])  # batches in one pass over the labelled rows
+    assert per_pass < 7
+    assert len(steps) == per_pass * -(-7 // per_pass)  # whole passes until at least 7 steps
+    assert np.isfinite(history[0]["train_loss"]) and history[0]["train_loss"] > 0
+
+
 def test_finetune_refuses_leaky_or_degenerate_frames(setup):
     pre, enc, s = setup
     with pytest.raises(ValueError, match="other splits"):

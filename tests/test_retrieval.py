@@ -67,7 +67,7 @@ def test_inner_product_metric_differs_from_cosine():
 def test_method_selection_by_size(data):
     db, _ = data
     assert build_index(db).method == "exact"
-    assert build_index(db, exact_max=100).method == "faiss-flat"
+    assert build_index(db, exact_max=100).method == "faiss-flat"  # forced below the default of 1M rows
     assert build_index(db, method="faiss", ivf_min=1000).method == "faiss-ivf"
     idx = build_index(db, method="faiss-ivf")
     assert idx.faiss_index.nlist == round(np.sqrt(3000)) and idx.nprobe == idx.faiss_index.nprobe

@@ -287,6 +287,10 @@ def test_text_signal_controls_what_the_note_says(signal_pair):
         if s == 1.0:
             assert (said == true).mean() > 0.93
         assert (truth["text_signal"] == s).all()
+        # The header's sex is the patient's at s = 1 and a random admission's at s = 0 (about half agree).
+        header_sex = notes["text"].str.extract(r"Sex:\s+([MF])")[0].to_numpy()
+        same_sex = (header_sex == truth["sex"].to_numpy()).mean()
+        assert same_sex == 1.0 if s == 1.0 else 0.4 < same_sex < 0.65, (s, same_sex)
     assert agreement[1.0] > 0.85 and abs(agreement[0.0]) < 0.15, agreement
 
 

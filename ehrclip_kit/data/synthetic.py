@@ -19,9 +19,10 @@ The generative story (full version with every number in ``data_recipes/synthetic
    real date 2015-10-01), drugs, procedures, ICU stays and transfers. Social factors barely show.
 4. **The discharge note** states conditions and social factors explicitly (synonyms, severity words,
    negations, noise). With ``text_signal = s`` every statement describes the true state with probability s
-   and an independent draw from the same prior (given age and sex) otherwise; the sections copied from the
-   tables (drugs, procedures, disposition) come from a random other admission with probability 1 - s. At
-   s = 0 the note says nothing about the patient beyond age and sex, so it carries no outcome-relevant
+   and an independent draw from the prior (given a random admission's age and sex) otherwise; the facts
+   copied from the tables (age, sex, admission type and service in the header, drugs, procedures,
+   disposition) come from a random other admission with probability 1 - s. At s = 0 the note says nothing
+   about the patient at all, so it carries no outcome-relevant
    information the tables lack; at s = 1 it states the latent conditions nearly always correctly.
 
 ``DIR/truth.parquet`` keeps the latent state per admission. Deterministic for a seed (byte-identical files).
@@ -366,11 +367,14 @@ def _admission_round(rng, pat: pd.DataFrame, idx: np.ndarray, admit: np.ndarray,
 def _note_state(adm: pd.DataFrame, text_signal: float, rng: np.random.Generator) -> pd.DataFrame:
     """What each note asserts: the truth with probability ``text_signal`` per statement, else a fresh draw.
 
-    The fresh draw comes from the same prior given the admission's age and sex (both in the tables), so
-    at ``text_signal=0`` the note is independent of the latent state given the tables.
+    The fresh draw comes from the prior given a *random other* admission's age and sex: conditioning on the
+    patient's own age and sex would let a note at ``text_signal=0`` still teach an encoder the patient's
+    age and sex (conditions follow them), which contrastive pretraining measurably exploits. At 0 the note
+    is about nobody in particular.
     """
     n = len(adm)
-    age, male = adm["age"].to_numpy(), adm["male"].to_numpy()
+    donor = rng.integers(0, n, n)
+    age, male = adm["age"].to_numpy()[donor], adm["male"].to_numpy()[donor]
     f_cond, f_sev, f_social = sample_latent(rng, age, male)
     f_acute, f_acute_sev = sample_acute(rng, age, f_cond, f_social)
     f_cond |= f_acute

@@ -424,7 +424,7 @@ NOTE_CHUNK = 50_000
 def _faithful(values: list | np.ndarray, text_signal: float, rng: np.random.Generator) -> list:
     """Each admission's own value with probability ``text_signal``, else a random admission's value.
 
-    Used for the note sections copied from the tables (disposition, drugs, procedures): at
+    Used for the note facts copied from the tables (header, disposition, drugs, procedures): at
     ``text_signal=0`` they describe a random patient, so the note carries nothing patient-specific.
     """
     values = list(values)
@@ -450,10 +450,13 @@ def write_notes(path, adm, state, disch_loc, rx_pairs, px_rows, text_signal, see
     """
     state = state.copy()
     state["cancer_site"] = np.asarray(cat.CANCER_SITES, dtype=object)[state["cancer_site"].to_numpy()]
-    state["sex"] = np.where(adm["male"].to_numpy(), "M", "F")
-    state["age"] = adm["mimic_age"].to_numpy()
-    state["kind"] = adm["kind"].to_numpy()
-    state["service"] = np.where(adm["kind"].to_numpy() == 2, "SURGERY", "MEDICINE")
+    # The header facts (sex, age, admission type and service) follow the same rule as the sections copied
+    # from the tables: at text signal 0 they describe a random admission, so no note fact is the patient's.
+    header = _faithful(range(len(adm)), text_signal, rng)
+    state["sex"] = np.where(adm["male"].to_numpy()[header], "M", "F")
+    state["age"] = adm["mimic_age"].to_numpy()[header]
+    state["kind"] = adm["kind"].to_numpy()[header]
+    state["service"] = np.where(state["kind"].to_numpy() == 2, "SURGERY", "MEDICINE")
     words = [DISPOSITION.get(x, "Home") if isinstance(x, str) else "Home" for x in disch_loc]
     state["disposition"] = _faithful(words, text_signal, rng)
     chronic_drugs = {
