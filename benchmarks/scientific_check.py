@@ -1,4 +1,4 @@
-"""The kit's scientific claim on its own world, in a configuration small enough for CI (about 15 min).
+"""The kit's scientific claim on its own world: ``pytest benchmarks/scientific_check.py`` (~25 min on 2 cores).
 
 With a high text signal the note states the latent conditions the readmission outcome depends on, which the
 tables only proxy; EHR <-> note pretraining should then make the text-free EHR encoder better with few labels

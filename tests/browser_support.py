@@ -50,9 +50,8 @@ def jupyterlab(root: Path, env: dict[str, str] | None = None, timeout: float = 1
         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
         "--ServerApp.disable_check_xsrf=True", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
     ]  # fmt: skip
-    if (
-        hasattr(os, "geteuid") and os.geteuid() == 0
-    ):  # CI containers run as root; jupyter_server refuses it otherwise
+    # CI containers run as root, which jupyter_server refuses unless told otherwise.
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--ServerApp.allow_root=True")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
