@@ -91,9 +91,19 @@ def build_pretraining_network(
     preprocessor: TabularPreprocessor,
     tabnet: TabNetConfig | None = None,
     config: MaskedPretrainConfig | None = None,
+    seed: int | None = None,
 ) -> TabNetPretraining:
-    """pytorch-tabnet's ``TabNetPretraining`` for the preprocessor's column layout (device-safe)."""
+    """pytorch-tabnet's ``TabNetPretraining`` for the preprocessor's column layout (device-safe).
+
+    With ``seed`` the weights are drawn from ``torch.manual_seed(seed)`` without touching the caller's RNG;
+    ``seed=config.seed`` gives exactly the network :func:`masked_pretrain` starts from, the fair "before
+    training" baseline for reconstruction errors.
+    """
     tabnet, config = tabnet or TabNetConfig(), config or MaskedPretrainConfig()
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_pretraining_network(preprocessor, tabnet, config)
     hp = tabnet.to_dict()
     cat_emb_dim = [hp.pop("cat_emb_dim")] * len(preprocessor.cat_idxs)
     network = TabNetPretraining(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -189,8 +190,7 @@ def pretrained():
 def test_masked_pretraining_reduces_reconstruction_loss(pretrained):
     pre, train, _, result, cfg = pretrained
     x = pre.transform(train)
-    torch.manual_seed(cfg.seed)
-    untrained = build_pretraining_network(pre, SMALL, cfg)
+    untrained = build_pretraining_network(pre, SMALL, cfg, seed=cfg.seed)
     before = masked_reconstruction_loss(untrained, x, seed=11)
     after = masked_reconstruction_loss(result.network, x, seed=11)
     # A random decoder is far off; the trained one beats "predict each column's mean" (loss ~1).
@@ -203,6 +203,19 @@ def test_masked_pretraining_reduces_reconstruction_loss(pretrained):
     # It learned the structure: lab_a is predictable from its proxies (lab_c, lab_f, stage), noise is not.
     nmse = errors.set_index("column")["nmse"]
     assert nmse["lab_a"] < 0.8 and nmse["noise_2"] > 0.9, nmse.round(2).to_dict()
+
+
+def test_seeded_build_is_the_network_masked_pretraining_starts_from(pretrained):
+    pre, train, _, _, cfg = pretrained
+    start = masked_pretrain(pre, train, None, SMALL, dataclasses.replace(cfg, epochs=0))  # no step taken
+    torch.manual_seed(cfg.seed + 1)  # the caller's RNG must not matter ...
+    rebuilt = build_pretraining_network(pre, SMALL, cfg, seed=cfg.seed).state_dict()
+    after = torch.rand(1)
+    torch.manual_seed(cfg.seed + 1)
+    assert torch.equal(after, torch.rand(1))  # ... and is left where it was
+    assert all(torch.equal(v, rebuilt[k]) for k, v in start.network.state_dict().items())
+    other = build_pretraining_network(pre, SMALL, cfg, seed=cfg.seed + 1).state_dict()
+    assert not all(torch.equal(v, other[k]) for k, v in rebuilt.items())
 
 
 def test_every_encoder_tensor_is_transferred(pretrained):
