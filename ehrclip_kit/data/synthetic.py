@@ -22,8 +22,8 @@ The generative story (full version with every number in ``data_recipes/synthetic
    and an independent draw from the prior (given a random admission's age and sex) otherwise; the facts
    copied from the tables (age, sex, admission type and service in the header, drugs, procedures,
    disposition) come from a random other admission with probability 1 - s. At s = 0 the note says nothing
-   about the patient at all, so it carries no outcome-relevant
-   information the tables lack; at s = 1 it states the latent conditions nearly always correctly.
+   about the patient at all, so it carries no outcome-relevant information the tables lack; at s = 1 it
+   states the latent conditions nearly always correctly.
 
 ``DIR/truth.parquet`` keeps the latent state per admission. Deterministic for a seed (byte-identical files).
 
