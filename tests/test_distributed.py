@@ -8,9 +8,9 @@ with local_loss rank r computes its rows only and the global loss is the mean of
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -76,11 +76,18 @@ def _run_case(make_loss, rank, world, xa, xb):
     return float(loss.detach()), grads
 
 
-def _worker(rank, port, out_path):
+def _worker(rank, store_path, out_path):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # A file store needs no TCP port, so nothing else on the machine can take the rendezvous from us.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store_path}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(minutes=5),
+    )
     xa, xb = _data()
     mine = slice(rank * B, (rank + 1) * B)
     results = {name: _run_case(make, rank, WORLD, xa[mine], xb[mine]) for name, make in CASES.items()}
@@ -111,16 +118,11 @@ def _worker(rank, port, out_path):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist") / "results.pt"
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    folder = tmp_path_factory.mktemp("dist")
+    out = folder / "results.pt"
+    torch.multiprocessing.spawn(_worker, args=(str(folder / "store"), str(out)), nprocs=WORLD, join=True)
     return torch.load(out, weights_only=False)
 
 
